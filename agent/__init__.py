@@ -1,0 +1,1 @@
+"""The database-host side of Backhaul: dump, compress, hash and stream to the collector."""

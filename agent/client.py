@@ -1,0 +1,234 @@
+"""The agent's SSH side: connect with a pinned host key, open one channel per request.
+
+asyncssh errors are translated to TransportError here, at the one boundary, so the
+runner deals only in Backhaul's own error families.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+
+from agent.config import AgentConfig
+from common.errors import RejectedError, RemoteProtocolError, TransportError
+from common.events import Event, Hello, Reject
+from common.protocol import SUBSYSTEM, Closed, Connection, Role
+
+log = logging.getLogger(__name__)
+READ_SIZE = 256 * 1024
+VERDICT_TIMEOUT = 3600.0  # the collector verifies at END; a large backup takes a while
+
+
+def _known_hosts(config: AgentConfig) -> Any:
+    endpoint = config.collector
+    try:
+        from common.identity import known_hosts_for
+
+        return known_hosts_for(endpoint.host, endpoint.port, endpoint.host_key,
+                               endpoint.ca_public_key)
+    except ImportError:  # pragma: no cover - identity ships with the package
+        assert endpoint.host_key is not None
+        return ([asyncssh.read_public_key(str(endpoint.host_key))], [], [])
+
+
+class Channel:
+    """One conversation with the collector over one SSH channel."""
+
+    def __init__(
+        self, writer: asyncssh.SSHWriter[bytes], reader: asyncssh.SSHReader[bytes]
+    ) -> None:
+        self._writer = writer
+        self._reader = reader
+        self.protocol = Connection(Role.AGENT)
+        self._watch: asyncio.Task[Event] | None = None
+
+    async def send(self, event: Event) -> None:
+        """Write an event, waiting while the SSH window is full (back-pressure).
+
+        Raises:
+            TransportError: the channel is gone.
+        """
+        try:
+            self._writer.write(self.protocol.send(event))
+            await self._writer.drain()
+        except (asyncssh.Error, OSError, BrokenPipeError) as exc:
+            raise TransportError(f"connection to the collector lost: {exc}") from None
+
+    async def receive(self, timeout: float | None = None) -> Event:
+        """The next event from the collector (Closed at EOF).
+
+        Raises:
+            TransportError: the connection broke or timed out.
+            RemoteProtocolError: the collector broke the protocol.
+        """
+        while True:
+            event = self.protocol.next_event()
+            if event is not None:
+                return event
+            try:
+                data = await asyncio.wait_for(self._reader.read(READ_SIZE), timeout)
+            except TimeoutError:
+                raise TransportError(f"no answer from the collector in {timeout:.0f} s") \
+                    from None
+            except (asyncssh.Error, OSError) as exc:
+                raise TransportError(f"connection to the collector lost: {exc}") from None
+            self.protocol.receive_data(data)
+
+    def watch(self) -> None:
+        """Start listening while we upload, so an early REJECT is seen at once."""
+        self._watch = asyncio.get_running_loop().create_task(self.receive())
+
+    def check_early_answer(self) -> None:
+        """Raise if the collector already answered (an early REJECT) during the upload.
+
+        Raises:
+            RejectedError, TransportError, RemoteProtocolError: as ``expect``.
+        """
+        if self._watch is not None and self._watch.done():
+            self._interpret(self._watch.result())
+
+    async def early_answer(self, grace: float) -> None:
+        """After a failed write: wait briefly for the REJECT that explains it."""
+        if self._watch is None:
+            return
+        done, _ = await asyncio.wait({self._watch}, timeout=grace)
+        if done and not self._watch.exception():
+            self._interpret(self._watch.result())
+
+    async def expect(self, *kinds: type[Event], timeout: float | None = None) -> Event:
+        """Receive one event of the given kinds; REJECT and EOF become errors.
+
+        Raises:
+            RejectedError: the collector answered REJECT.
+            TransportError: the channel closed first.
+            RemoteProtocolError: anything else arrived.
+        """
+        if self._watch is not None:
+            watch, self._watch = self._watch, None
+            try:
+                event = await asyncio.wait_for(watch, timeout)
+            except TimeoutError:
+                raise TransportError(f"no answer from the collector in {timeout:.0f} s") \
+                    from None
+        else:
+            event = await self.receive(timeout)
+        return self._interpret(event, kinds)
+
+    def _interpret(self, event: Event, kinds: tuple[type[Event], ...] = ()) -> Event:
+        if isinstance(event, Reject):
+            raise RejectedError(event.code, event.reason)
+        if isinstance(event, Closed):
+            raise TransportError("the collector closed the channel without an answer")
+        if not isinstance(event, kinds):
+            raise RemoteProtocolError(f"unexpected {type(event).__name__} from the collector")
+        return event
+
+    async def handshake(self) -> None:
+        await self.send(self.protocol.hello())
+        await self.expect(Hello, timeout=60)
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self._writer.channel.close()
+
+    @property
+    def max_data(self) -> int:
+        return self.protocol.peer_max_data
+
+
+class CollectorClient:
+    """An authenticated SSH connection to the collector (async context manager)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    async def __aenter__(self) -> CollectorClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the SSH connection.
+
+        Raises:
+            TransportError: unreachable, refused, host key mismatch, key refused.
+        """
+        endpoint = self.config.collector
+        where = f"{endpoint.host}:{endpoint.port}"
+        try:
+            key = asyncssh.read_private_key(str(endpoint.client_key))
+            keys: list[Any] = [key]
+            if endpoint.client_certificate is not None:
+                keys = [(key, asyncssh.read_certificate(str(endpoint.client_certificate)))]
+        except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+            raise TransportError(f"cannot read the agent key {endpoint.client_key}: {exc}") \
+                from None
+        try:
+            self._conn = await asyncssh.connect(
+                endpoint.host,
+                endpoint.port,
+                username=self.config.name,
+                client_keys=keys,
+                known_hosts=_known_hosts(self.config),
+                agent_path=None,
+                config=[],
+                password=None,
+                kbdint_auth=False,
+                connect_timeout=endpoint.connect_timeout,
+                keepalive_interval=30,
+                keepalive_count_max=4,
+                encoding=None,
+                max_pktsize=256 * 1024,
+                window=8 * 1024 * 1024,
+            )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise TransportError(
+                f"collector {where} presented a host key that does not match the pinned "
+                f"one; refusing to connect ({exc.reason})"
+            ) from None
+        except asyncssh.PermissionDenied:
+            raise TransportError(
+                f"collector {where} refused this agent's key (is agent "
+                f"{self.config.name!r} configured there with this public key?)"
+            ) from None
+        except asyncssh.Error as exc:
+            raise TransportError(f"SSH connection to {where} failed: {exc.reason}") from None
+        except (OSError, TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise TransportError(f"cannot reach collector {where}: {reason}") from None
+
+    async def channel(self) -> Channel:
+        """Open a `backhaul` subsystem channel and exchange HELLOs.
+
+        Raises:
+            TransportError: the channel cannot be opened.
+            RejectedError: the collector refused (busy, version).
+        """
+        if self._conn is None:
+            raise TransportError("not connected")
+        try:
+            writer, reader, _ = await self._conn.open_session(subsystem=SUBSYSTEM,
+                                                              encoding=None)
+        except (asyncssh.Error, OSError) as exc:
+            raise TransportError(f"collector refused the backhaul channel: {exc}") from None
+        channel = Channel(writer, reader)
+        await channel.handshake()
+        return channel
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            try:
+                await asyncio.wait_for(self._conn.wait_closed(), 10)
+            except (TimeoutError, asyncssh.Error, OSError):
+                log.debug("connection close did not complete cleanly")
+            self._conn = None

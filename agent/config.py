@@ -1,0 +1,156 @@
+"""agent.toml, read into frozen dataclasses; any unknown key or bad value stops start-up.
+
+Passwords are never in this file: each source names a `password_file`, read when a
+backup starts, so the secret lives in one 0600 file the administrator controls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from common.compression import KINDS
+from common.config import Table, load_toml, parse_host_port
+from common.errors import ConfigError
+from common.logsetup import DEFAULT_LOG_DIR
+
+ENGINES = ("mysql", "mongodb")
+DEFAULT_COLLECTOR_PORT = 2222
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One `[[sources]]` table: a database server and what to back up from it."""
+
+    name: str
+    engine: str
+    databases: tuple[str, ...] | Literal["all"]
+    host: str = "127.0.0.1"
+    port: int = 3306
+    socket: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
+    uri: str | None = None
+    compression: str = "zstd"
+    compression_level: int | None = None
+    stall_timeout: float = 600.0
+    schedule: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def format(self) -> str:
+        return "sql" if self.engine == "mysql" else "archive"
+
+
+@dataclass(frozen=True)
+class CollectorEndpoint:
+    host: str
+    port: int
+    host_key: Path | None
+    client_key: Path
+    client_certificate: Path | None = None
+    ca_public_key: Path | None = None
+    connect_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    source_file: Path
+    name: str
+    collector: CollectorEndpoint
+    log_dir: Path
+    syslog: bool
+    sources: tuple[SourceConfig, ...]
+
+    def source(self, name: str) -> SourceConfig | None:
+        return next((s for s in self.sources if s.name == name), None)
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    """Read and validate agent.toml.
+
+    Raises:
+        ConfigError: naming the file and the key at fault.
+    """
+    top = Table(load_toml(path), path)
+    agent = top.table("agent", required=True)
+    name = agent.text("name")
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] in ".-":
+        raise ConfigError(f"{agent.where('name')}: use letters, digits, '-', '_' and '.'")
+    agent.done()
+    collector = _collector(top.table("collector", required=True))
+    log = top.table("log")
+    log_dir = log.path("dir", DEFAULT_LOG_DIR)
+    syslog = log.flag("syslog", True)
+    log.done()
+    sources = tuple(_source(t) for t in top.tables("sources"))
+    if not sources:
+        raise ConfigError(f"{path}: no [[sources]] configured")
+    names = [s.name for s in sources]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise ConfigError(f"{path}: sources: the name {duplicate!r} appears twice")
+    top.done()
+    return AgentConfig(path, name, collector, log_dir, syslog, sources)
+
+
+def _collector(table: Table) -> CollectorEndpoint:
+    host, port = parse_host_port(table.text("address"), table.where("address"),
+                                 DEFAULT_COLLECTOR_PORT)
+    endpoint = CollectorEndpoint(
+        host=host,
+        port=port,
+        host_key=table.path("host_key", None),
+        client_key=table.path("client_key"),
+        client_certificate=table.path("client_certificate", None),
+        ca_public_key=table.path("ca_public_key", None),
+        connect_timeout=table.number("connect_timeout", 30.0, low=1),
+    )
+    if endpoint.host_key is None and endpoint.ca_public_key is None:
+        raise ConfigError(
+            f"{table.where('host_key')} is required: the collector's host key must be pinned "
+            "(or set ca_public_key to trust host certificates from the Backhaul CA)"
+        )
+    table.done()
+    return endpoint
+
+
+def _source(table: Table) -> SourceConfig:
+    name = table.text("name")
+    engine = table.text("engine", choices=ENGINES)
+    raw = table.raw("databases")
+    if raw == "all":
+        databases: tuple[str, ...] | Literal["all"] = "all"
+    elif isinstance(raw, list) and raw and all(isinstance(d, str) and d for d in raw):
+        databases = tuple(raw)
+    else:
+        raise ConfigError(
+            f"{table.where('databases')} must be \"all\" or a non-empty list of names"
+        )
+    is_mysql = engine == "mysql"
+    source = SourceConfig(
+        name=name,
+        engine=engine,
+        databases=databases,
+        host=table.text("host", "127.0.0.1") if is_mysql else "",
+        port=table.integer("port", 3306, low=1, high=65535) if is_mysql else 0,
+        socket=table.path("socket", None) if is_mysql else None,
+        user=table.text("user", None),
+        password_file=table.path("password_file", None),
+        uri=None if is_mysql else table.text("uri"),
+        compression=table.text("compression", "zstd" if is_mysql else "gzip", choices=KINDS),
+        compression_level=table.integer("compression_level", None, low=1, high=22),
+        stall_timeout=table.number("stall_timeout", 600.0, low=1),
+        schedule=table.text("schedule", None),
+        extra={k: table.raw(k) for k in ("include_users_and_roles", "oplog") if table.has(k)},
+    )
+    if is_mysql and source.user is None:
+        raise ConfigError(f"{table.where('user')} is required for a mysql source")
+    if source.uri is not None and "@" in urlsplit(source.uri).netloc:
+        raise ConfigError(
+            f"{table.where('uri')} must not contain credentials: use user and password_file"
+        )
+    table.done()
+    return source

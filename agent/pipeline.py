@@ -1,0 +1,114 @@
+"""dump → compressor → SHA-256 → sender, as three concurrent stages with bounded queues.
+
+The dump is read continuously while the previous chunk is compressed in a worker
+thread and the one before is on the wire, so the dump tool, zstd and SSH overlap on
+separate cores. Each queue holds a few chunks at most: memory stays bounded whatever the
+database size, and a slow collector stalls the dump tool through its stdout pipe.
+Nothing touches the database host's disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from common.compression import Compressor
+from common.errors import DumpError
+
+QUEUE_DEPTH = 4
+_DONE = b""
+T = TypeVar("T")
+
+
+@dataclass
+class StreamResult:
+    raw_bytes: int
+    byte_count: int
+    sha256: str
+
+
+class Progress:
+    """Counters the runner can show while the stream runs."""
+
+    def __init__(self) -> None:
+        self.raw_bytes = 0
+        self.sent_bytes = 0
+
+
+async def _next_with_stall(iterator: AsyncIterator[bytes], stall_timeout: float) -> bytes | None:
+    try:
+        return await asyncio.wait_for(anext(iterator), stall_timeout)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise DumpError(
+            f"dump stalled: no bytes for {stall_timeout:.0f} s", returncode=None
+        ) from None
+
+
+async def run_pipeline(
+    chunks: AsyncIterator[bytes],
+    compressor: Compressor,
+    send: Callable[[bytes], Awaitable[None]],
+    *,
+    stall_timeout: float = 600.0,
+    progress: Progress | None = None,
+) -> StreamResult:
+    """Stream ``chunks`` through compression and hashing into ``send``.
+
+    Raises:
+        DumpError: the dump failed or stalled (from ``chunks``).
+        Whatever ``send`` raises (transport errors, a collector REJECT).
+    """
+    progress = progress or Progress()
+    digest = hashlib.sha256()
+    raw_q: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_DEPTH)
+    out_q: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_DEPTH)
+
+    def compress(chunk: bytes) -> bytes:
+        out = compressor.compress(chunk) if chunk else compressor.flush()
+        digest.update(out)
+        return out
+
+    async def read() -> None:
+        while (chunk := await _next_with_stall(chunks, stall_timeout)) is not None:
+            if chunk:
+                progress.raw_bytes += len(chunk)
+                await raw_q.put(chunk)
+        await raw_q.put(_DONE)
+
+    async def squeeze() -> None:
+        while True:
+            chunk = await raw_q.get()
+            out = await asyncio.to_thread(compress, chunk)
+            if out:
+                await out_q.put(out)
+            if chunk is _DONE or not chunk:
+                await out_q.put(_DONE)
+                return
+
+    async def ship() -> None:
+        while out := await out_q.get():
+            await send(out)
+            progress.sent_bytes += len(out)
+
+    await _run_all(read(), squeeze(), ship())
+    return StreamResult(progress.raw_bytes, progress.sent_bytes, digest.hexdigest())
+
+
+async def _run_all(*stages: Awaitable[None]) -> None:
+    """Run the stages together; the first failure cancels the rest and is raised as is."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for stage in stages:
+                group.create_task(stage)  # type: ignore[arg-type]
+    except BaseExceptionGroup as group_error:
+        raise _first(group_error) from None
+
+
+def _first(error: BaseExceptionGroup[BaseException]) -> BaseException:
+    inner = error.exceptions[0]
+    return _first(inner) if isinstance(inner, BaseExceptionGroup) else inner

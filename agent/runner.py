@@ -1,0 +1,206 @@
+"""One backup run: every requested database, one after the other, each on its own channel.
+
+A database's failure stops that backup (ABORT, or a REPORT when no dump started) and
+the run goes on with the next database. The run's result lists each database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.client import VERDICT_TIMEOUT, Channel, CollectorClient
+from agent.config import AgentConfig, SourceConfig
+from agent.pipeline import Progress, run_pipeline
+from agent.sources import Adapter, adapter_for
+from common.compression import make_compressor
+from common.errors import BackhaulError, DumpError, ExitCode, RejectedError, TransportError
+from common.events import Abort, Ack, Begin, Data, End, Report, Stored
+from common.logsetup import escape_control
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackupResult:
+    """How one database's backup ended."""
+
+    source: str
+    database: str | None
+    ok: bool
+    name: str | None = None
+    size: int = 0
+    sha256: str | None = None
+    error: str | None = None
+    exit_code: ExitCode = ExitCode.OK
+    duration_s: float = 0.0
+
+    def line(self) -> str:
+        label = f"{self.source}/{escape_control(self.database or '*')}"
+        if self.ok:
+            return (f"ok      {label} -> {self.name} ({self.size} bytes, "
+                    f"sha256 {self.sha256}, {self.duration_s:.1f} s)")
+        return f"FAILED  {label}: {escape_control(self.error or 'unknown error')}"
+
+
+def run_exit_code(results: list[BackupResult]) -> ExitCode:
+    """0 when all succeeded; the common family's code when all failures share one; else 1."""
+    codes = {r.exit_code for r in results if not r.ok}
+    if not results:
+        return ExitCode.FAILED
+    if not codes:
+        return ExitCode.OK
+    return codes.pop() if len(codes) == 1 else ExitCode.FAILED
+
+
+def _reason(exc: BaseException) -> str:
+    """One word for metrics and alerts."""
+    if isinstance(exc, DumpError):
+        return "dump"
+    if isinstance(exc, RejectedError):
+        return exc.code
+    if isinstance(exc, TransportError):
+        return "transport"
+    return type(exc).__name__.removesuffix("Error").lower() or "error"
+
+
+class BackupRunner:
+    """Backs up the selected databases of the configured sources."""
+
+    def __init__(self, config: AgentConfig, client: CollectorClient,
+                 progress_factory: Any = None) -> None:
+        self.config = config
+        self.client = client
+        self.progress_factory = progress_factory
+
+    async def run(self, source_name: str | None = None,
+                  database: str | None = None) -> list[BackupResult]:
+        results: list[BackupResult] = []
+        for source in self.config.sources:
+            if source_name is not None and source.name != source_name:
+                continue
+            results.extend(await self.run_source(source, database))
+        return results
+
+    async def run_source(self, source: SourceConfig, only: str | None) -> list[BackupResult]:
+        try:
+            adapter = adapter_for(source)
+            if only is not None:
+                databases = [only]
+            elif source.databases == "all":
+                databases = await adapter.discover()
+            else:
+                databases = list(source.databases)
+        except BackhaulError as exc:
+            log.error("source %s: cannot list databases: %s", source.name, exc)
+            await self._report(source, None, exc)
+            return [self._failed(source, None, exc, 0.0)]
+        if not databases:
+            log.warning("source %s: no databases to back up", source.name)
+        return [await self.backup_one(source, adapter, db) for db in databases]
+
+    def _failed(self, source: SourceConfig, database: str | None, exc: BaseException,
+                started: float) -> BackupResult:
+        code = exc.exit_code if isinstance(exc, BackhaulError) else ExitCode.FAILED
+        return BackupResult(source.name, database, False, error=str(exc), exit_code=code,
+                            duration_s=time.monotonic() - started if started else 0.0)
+
+    async def backup_one(self, source: SourceConfig, adapter: Adapter,
+                         database: str) -> BackupResult:
+        started = time.monotonic()
+        label = f"{source.name}/{escape_control(database)}"
+        try:
+            facts = await adapter.preflight(database)
+        except BackhaulError as exc:
+            log.error("backup of %s failed before the dump started: %s", label, exc)
+            await self._report(source, database, exc)
+            return self._failed(source, database, exc, started)
+        for warning in facts.warnings:
+            log.warning("%s: %s", label, warning)
+        try:
+            stored = await self._stream(source, adapter, database, facts.size_estimate,
+                                        facts.metadata)
+        except BackhaulError as exc:
+            log.error("backup of %s failed: %s", label, exc)
+            return self._failed(source, database, exc, started)
+        result = BackupResult(source.name, database, True, name=stored.name, size=stored.size,
+                              sha256=stored.sha256, duration_s=time.monotonic() - started)
+        log.info("backup of %s stored as %s (%d bytes, sha256 %s) in %.1f s", label,
+                 stored.name, stored.size, stored.sha256, result.duration_s)
+        return result
+
+    async def _stream(self, source: SourceConfig, adapter: Adapter, database: str,
+                      size_estimate: int | None, metadata: dict[str, Any]) -> Stored:
+        channel = await self.client.channel()
+        try:
+            await channel.send(Begin(
+                database=database, engine=adapter.engine, format=adapter.format,
+                compression=source.compression,
+                started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                size_estimate=size_estimate, source=source.name,
+            ))
+            progress = (self.progress_factory(database, size_estimate)
+                        if self.progress_factory else Progress())
+            channel.watch()
+            try:
+                async with adapter.dump(database) as dump:
+                    result = await run_pipeline(
+                        aiter(dump),
+                        make_compressor(source.compression, source.compression_level),
+                        lambda data: _send_data(channel, data),
+                        stall_timeout=source.stall_timeout,
+                        progress=progress,
+                    )
+                    dump_meta = adapter.dump_metadata(dump)
+            except DumpError as exc:
+                await self._abort(channel, str(exc))
+                raise
+            except TransportError:
+                await channel.early_answer(grace=5)  # a REJECT explains a cut channel
+                raise
+            end_meta = {**metadata, **dump_meta, "uncompressed_bytes": result.raw_bytes,
+                        "agent_host_time": datetime.now(UTC).isoformat()}
+            await channel.send(End(result.byte_count, result.sha256, end_meta))
+            stored = await channel.expect(Stored, timeout=VERDICT_TIMEOUT)
+            assert isinstance(stored, Stored)
+            if stored.sha256 != result.sha256 or stored.size != result.byte_count:
+                raise TransportError("collector's STORED does not match what was sent")
+            return stored
+        finally:
+            channel.close()
+
+    async def _abort(self, channel: Channel, reason: str) -> None:
+        try:
+            await channel.send(Abort(reason[:1000]))
+        except BackhaulError:
+            log.debug("could not send ABORT; the channel is already gone")
+
+    async def _report(self, source: SourceConfig, database: str | None,
+                      exc: BaseException) -> None:
+        """Tell the collector about a failure before any dump began; best effort."""
+        try:
+            channel = await self.client.channel()
+        except BackhaulError as err:
+            log.error("could not report the failure to the collector: %s", err)
+            return
+        try:
+            await channel.send(Report(
+                reason=_reason(exc), message=str(exc)[:1000], database=database,
+                source=source.name, at=datetime.now(UTC).isoformat(timespec="seconds"),
+            ))
+            await channel.expect(Ack, timeout=60)
+        except BackhaulError as err:
+            log.error("could not report the failure to the collector: %s", err)
+        finally:
+            channel.close()
+
+
+async def _send_data(channel: Channel, data: bytes) -> None:
+    channel.check_early_answer()
+    step = channel.max_data
+    view = memoryview(data)
+    for start in range(0, len(view), step):
+        await channel.send(Data(bytes(view[start : start + step])))

@@ -1,0 +1,1 @@
+"""Key and SSH-certificate tooling; generated keys live in this folder and are never committed."""

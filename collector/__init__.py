@@ -1,0 +1,1 @@
+"""The backup-host side of Backhaul: SSH server, storage, verification, metrics, alerts."""

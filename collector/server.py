@@ -1,0 +1,214 @@
+"""The collector's SSH server: authentication, caps, and nothing but the subsystem.
+
+Policy lives in `CollectorSSHServer`, an `asyncssh.SSHServer` whose hooks deny by
+default: public-key authentication only, the SSH user name must be the agent's name,
+no port or agent or X11 forwarding, no shell, exec, SFTP or PTY (see `session.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import asyncssh
+
+from collector.config import CollectorConfig
+from collector.outcomes import FanOut
+from collector.session import BackhaulSession, SessionContext
+from collector.storage import Store
+from common.errors import TransportError
+from common.logsetup import escape_control
+
+log = logging.getLogger(__name__)
+
+
+class Authenticator(Protocol):
+    """Decides which agent, if any, an offered key or certificate belongs to."""
+
+    def begin_auth(self, username: str) -> bool: ...
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool: ...
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool: ...
+
+
+class ListedKeys:
+    """Agents identified by the public keys listed in collector.toml."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self._keys: dict[str, list[bytes]] = {}
+        for agent in config.agents:
+            if agent.public_key is not None:
+                key = asyncssh.read_public_key(str(agent.public_key))
+                self._keys.setdefault(agent.name, []).append(key.public_data)
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # always require authentication, even for unknown names
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return key.public_data in self._keys.get(username, [])
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False
+
+
+@dataclass
+class ConnectionCaps:
+    """Live connection counts, overall and per authenticated agent."""
+
+    max_total: int
+    max_per_agent: int
+    total: int = 0
+    per_agent: Counter[str] = field(default_factory=Counter)
+
+
+class CollectorSSHServer(asyncssh.SSHServer):
+    """One instance per incoming connection."""
+
+    def __init__(self, ctx: SessionContext, auth: Authenticator, caps: ConnectionCaps) -> None:
+        self._ctx = ctx
+        self._auth = auth
+        self._caps = caps
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._peer = "?"
+        self._agent: str | None = None
+        self._counted = False
+        self._over_cap = False
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        peer = conn.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._caps.total += 1
+        self._counted = True
+        if self._caps.total > self._caps.max_total:
+            log.warning("refusing connection from %s: %d connections open (cap %d)",
+                        self._peer, self._caps.total - 1, self._caps.max_total)
+            conn.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._caps.total -= 1
+            self._counted = False
+        if self._agent is not None:
+            self._caps.per_agent[self._agent] -= 1
+            if self._caps.per_agent[self._agent] <= 0:
+                del self._caps.per_agent[self._agent]
+            self._agent = None
+
+    def begin_auth(self, username: str) -> bool:
+        return self._auth.begin_auth(username)
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        ok = self._auth.validate_public_key(username, key)
+        if not ok:
+            log.warning("refused key %s for user %r from %s", key.get_fingerprint(),
+                        escape_control(username[:64]), self._peer)
+        return ok
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return self._auth.validate_ca_key(username, key)
+
+    def auth_completed(self) -> None:
+        assert self._conn is not None
+        agent = self._conn.get_extra_info("username")
+        self._agent = agent
+        self._caps.per_agent[agent] += 1
+        if self._caps.per_agent[agent] > self._caps.max_per_agent:
+            self._over_cap = True
+            log.warning("agent %s has %d connections open (cap %d): answering busy", agent,
+                        self._caps.per_agent[agent], self._caps.max_per_agent)
+        log.info("agent %s authenticated from %s", agent, self._peer)
+
+    def session_requested(self) -> BackhaulSession:
+        assert self._agent is not None
+        return BackhaulSession(self._ctx, self._agent, self._peer, busy=self._over_cap)
+
+
+def make_context(config: CollectorConfig, outcomes: FanOut) -> SessionContext:
+    """The shared session context built from configuration."""
+    return SessionContext(
+        store=Store(config.storage.root),
+        timezone=config.storage.timezone,
+        outcomes=outcomes,
+        idle_timeout=config.server.idle_timeout,
+        clock_skew=config.server.clock_skew,
+        max_backup_bytes=config.storage.max_backup_bytes,
+        max_expansion=config.storage.max_expansion,
+        allowed={a.name: a.databases for a in config.agents},
+        agent_max_bytes={a.name: a.max_backup_bytes for a in config.agents},
+    )
+
+
+class CollectorServer:
+    """The listening SSH server plus graceful shutdown (stop accepting, drain, cancel)."""
+
+    def __init__(self, config: CollectorConfig, ctx: SessionContext,
+                 auth: Authenticator | None = None) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.auth = auth or ListedKeys(config)
+        self.caps = ConnectionCaps(config.server.max_connections,
+                                   config.server.max_connections_per_agent)
+        self._server: asyncssh.SSHAcceptor | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _options(self) -> dict[str, Any]:
+        server = self.config.server
+        keys: list[Any] = [str(server.host_key)]
+        if server.host_certificate is not None:
+            keys = [(str(server.host_key), str(server.host_certificate))]
+        return {
+            "server_host_keys": keys,
+            "login_timeout": server.login_timeout,
+            "keepalive_interval": 30,
+            "keepalive_count_max": 4,
+            "allow_pty": False,
+            "agent_forwarding": False,
+            "x11_forwarding": False,
+            "encoding": None,
+            "max_pktsize": 256 * 1024,
+            "window": 8 * 1024 * 1024,
+        }
+
+    async def start(self) -> None:
+        """Listen on the configured address.
+
+        Raises:
+            TransportError: the address cannot be bound.
+        """
+        server = self.config.server
+        try:
+            self._server = await asyncssh.create_server(
+                lambda: CollectorSSHServer(self.ctx, self.auth, self.caps),
+                server.host, server.port, **self._options(),
+            )
+        except OSError as exc:
+            raise TransportError(
+                f"cannot listen on {server.host}:{server.port}: {exc.strerror}"
+            ) from None
+        log.info("listening on %s:%d", server.host, self.port)
+
+    async def stop(self, drain_timeout: float = 60.0) -> None:
+        """Stop accepting, let running requests finish for a while, then cancel them."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        tasks = set(self.ctx.tasks)
+        if tasks:
+            log.info("waiting up to %.0f s for %d running request(s)", drain_timeout, len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=10)

@@ -1,0 +1,1 @@
+"""Shared by agent and collector: wire protocol, naming, compression, logging, errors."""
