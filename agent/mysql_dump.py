@@ -1,0 +1,342 @@
+"""Streams one MySQL/MariaDB database as SQL from ``mariadb-dump``/``mysqldump`` stdout.
+
+Credentials travel only through a 0600 option file in a private 0700 directory (memory
+backed when possible), removed as soon as the tool has read it (its first output byte)
+and in any case when the dump ends: never argv, never the environment, never a log line.
+The dump is a single-transaction snapshot of the named database without
+``CREATE DATABASE``/``USE``, so it restores into any name::
+
+    async with MySQLDump(params, "hospital") as dump:
+        async for chunk in dump:
+            ...
+
+Reading is pull-based: when the consumer is slow the pipe fills and the dump tool
+blocks, which is the back-pressure. Only iterating to the end checks the exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+from agent.mysql_control import MySQLParams
+from common.errors import DumpError
+
+logger = logging.getLogger(__name__)
+
+DUMP_TOOLS = ("mariadb-dump", "mysqldump")
+CLIENT_TOOLS = ("mariadb", "mysql")
+DEFAULT_CHUNK_SIZE = 256 * 1024
+STDERR_LIMIT = 64 * 1024
+_STDERR_LINES_IN_MESSAGE = 3
+_REAP_TIMEOUT = 10.0
+_OPTION_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b"}
+
+
+def find_dump_tool(path: str | None = None) -> str:
+    """The path of ``mariadb-dump``, else ``mysqldump``, on ``path`` (default: PATH).
+
+    Raises:
+        DumpError: neither is installed.
+    """
+    return _find_tool(DUMP_TOOLS, path)
+
+
+def find_client_tool(path: str | None = None) -> str:
+    """The path of ``mariadb``, else ``mysql``, on ``path`` (default: PATH).
+
+    Raises:
+        DumpError: neither is installed.
+    """
+    return _find_tool(CLIENT_TOOLS, path)
+
+
+def _find_tool(names: tuple[str, str], path: str | None) -> str:
+    for name in names:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    raise DumpError(f"neither {names[0]} nor {names[1]} found on PATH")
+
+
+def dump_arguments(option_file: Path, database: str) -> list[str]:
+    """The dump tool's arguments, after its path.
+
+    ``--single-transaction`` gives an InnoDB snapshot without locks, so
+    ``--skip-lock-tables`` (and no LOCK TABLES privilege) is right, not a shortcut;
+    ``--quick`` streams rows instead of buffering tables. ``--no-tablespaces`` avoids
+    needing PROCESS on MySQL 8. ``--`` keeps a name starting with ``-`` from being
+    read as an option.
+    """
+    return [
+        f"--defaults-extra-file={option_file}",
+        "--single-transaction",
+        "--quick",
+        "--skip-lock-tables",
+        "--routines",
+        "--triggers",
+        "--events",
+        "--hex-blob",
+        "--default-character-set=utf8mb4",
+        "--no-tablespaces",
+        "--",
+        database,
+    ]
+
+
+def option_value(value: str) -> str:
+    """Quote ``value`` for a MySQL option file (double quotes, backslash escapes).
+
+    Raises:
+        DumpError: the value contains a NUL byte, which option files cannot carry.
+    """
+    if "\0" in value:
+        raise DumpError("a connection setting contains a NUL byte; option files cannot carry it")
+    return '"' + "".join(_OPTION_ESCAPES.get(ch, ch) for ch in value) + '"'
+
+
+def option_file_text(params: MySQLParams) -> str:
+    """The ``[client]`` section for ``params``; socket and protocol are explicit."""
+    lines = ["[client]", f"user={option_value(params.user)}"]
+    if params.password is not None:
+        lines.append(f"password={option_value(params.password)}")
+    if params.socket:
+        lines += ["protocol=socket", f"socket={option_value(params.socket)}"]
+    else:
+        lines += ["protocol=tcp", f"host={option_value(params.host)}", f"port={int(params.port)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _private_dir() -> Path:
+    """A fresh 0700 directory, in memory-backed storage when there is some to write to."""
+    # /dev/shm is world-writable, but mkdtemp makes an unguessable 0700 directory in it.
+    candidates = ["/dev/shm", os.environ.get("XDG_RUNTIME_DIR"), None]  # noqa: S108
+    for base in candidates:
+        if base is not None and not os.access(base, os.W_OK | os.X_OK):
+            continue
+        with contextlib.suppress(OSError):
+            return Path(tempfile.mkdtemp(prefix="backhaul-mysql-", dir=base))
+    raise DumpError("cannot create a private directory for the MySQL option file")
+
+
+@contextlib.contextmanager
+def client_option_file(params: MySQLParams) -> Iterator[Path]:
+    """A 0600 option file with ``params``, in a private directory removed on exit.
+
+    Raises:
+        DumpError: the file cannot be created or a setting cannot be written to it.
+    """
+    text = option_file_text(params)
+    directory = _private_dir()
+    path = directory / "client.cnf"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        _remove_private(directory, path)
+        raise DumpError(f"cannot write the MySQL option file: {exc.strerror or exc}") from exc
+    try:
+        yield path
+    finally:
+        _remove_private(directory, path)
+
+
+def _remove_private(directory: Path, path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+def _minimal_env() -> dict[str, str]:
+    # No HOME: the tool then reads no ~/.my.cnf that could override our option file.
+    return {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}
+
+
+class MySQLDump:
+    """One running dump of one database; an async context manager and async iterator.
+
+    ``bytes_read`` counts the bytes handed to the consumer so far. Leaving the context
+    before the end (an error, ``break``, cancellation) kills and reaps the process.
+    Iterating to the end raises DumpError if the tool failed.
+    """
+
+    def __init__(
+        self,
+        params: MySQLParams,
+        database: str,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        tool: str | None = None,
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self.params = params
+        self.database = database
+        self.chunk_size = chunk_size
+        self.bytes_read = 0
+        self._tool = tool
+        self._option_file: contextlib.ExitStack | None = None
+        self.option_file: Path | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr = bytearray()
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._finished = False
+
+    def __repr__(self) -> str:
+        return f"MySQLDump(database={self.database!r}, params={self.params!r})"
+
+    @property
+    def tool(self) -> str | None:
+        """The path of the dump tool (found on PATH when entering, unless given)."""
+        return self._tool
+
+    @property
+    def pid(self) -> int | None:
+        """The dump process's id once started."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The dump process's exit status once reaped (negative: killed by that signal)."""
+        return self._proc.returncode if self._proc is not None else None
+
+    @property
+    def stderr(self) -> str:
+        """The last ``STDERR_LIMIT`` bytes the tool wrote to stderr (warnings, errors)."""
+        return self._scrub(self._stderr.decode("utf-8", errors="replace"))
+
+    async def __aenter__(self) -> MySQLDump:
+        tool = self._tool or find_dump_tool()
+        stack = contextlib.ExitStack()
+        self.option_file = stack.enter_context(client_option_file(self.params))
+        self._option_file = stack
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                tool,
+                *dump_arguments(self.option_file, self.database),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=_minimal_env(),
+                limit=self.chunk_size,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._remove_option_file()
+            raise DumpError(f"cannot start {Path(tool).name}: {exc.strerror or exc}") from exc
+        except BaseException:
+            self._remove_option_file()
+            raise
+        self._tool = tool
+        self._stderr_task = asyncio.create_task(self._collect_stderr())
+        logger.debug("started %s (pid %d) for database %r", tool, self._proc.pid, self.database)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._remove_option_file()
+        if self._proc is not None and not self._finished:
+            if self._proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+                logger.debug("killed %s for database %r early", self._tool, self.database)
+            await self._reap()
+
+    def __aiter__(self) -> MySQLDump:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._proc is None or self._proc.stdout is None:
+            raise RuntimeError("MySQLDump must be entered with 'async with' before iterating")
+        if self._finished:
+            raise StopAsyncIteration
+        chunk = await self._proc.stdout.read(self.chunk_size)
+        if chunk:
+            if not self.bytes_read:
+                # The tool reads its options before it prints a byte: the file can go now,
+                # so even a crash of this process later leaves no credentials behind.
+                self._remove_option_file()
+            self.bytes_read += len(chunk)
+            return chunk
+        await self._finish()
+        raise StopAsyncIteration
+
+    async def _collect_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        while data := await self._proc.stderr.read(STDERR_LIMIT):
+            self._stderr += data
+            if len(self._stderr) > STDERR_LIMIT:
+                del self._stderr[:-STDERR_LIMIT]
+
+    async def _finish(self) -> None:
+        """stdout is at its end: wait for the exit status and judge it."""
+        assert self._proc is not None and self._stderr_task is not None
+        await self._stderr_task
+        returncode = await self._proc.wait()
+        self._finished = True
+        self._remove_option_file()
+        if returncode != 0:
+            raise self._failure(returncode)
+        logger.debug(
+            "%s finished database %r: %d bytes", self._tool, self.database, self.bytes_read
+        )
+
+    async def _reap(self) -> None:
+        """Drain what is left of stdout, then collect stderr and the exit status."""
+        assert self._proc is not None
+        try:
+            async with asyncio.timeout(_REAP_TIMEOUT):
+                if self._proc.stdout is not None:
+                    while await self._proc.stdout.read(self.chunk_size):
+                        pass
+                if self._stderr_task is not None:
+                    await self._stderr_task
+                await self._proc.wait()
+        except TimeoutError:
+            logger.warning("%s (pid %d) did not exit after SIGKILL", self._tool, self._proc.pid)
+        finally:
+            self._finished = True
+            if self._stderr_task is not None and not self._stderr_task.done():
+                self._stderr_task.cancel()
+
+    def _failure(self, returncode: int) -> DumpError:
+        name = Path(self._tool or "dump tool").name
+        if returncode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-returncode).name}"
+            except ValueError:
+                how = f"was killed by signal {-returncode}"
+        else:
+            how = f"exited with status {returncode}"
+        stderr = self.stderr
+        lines = [" ".join(line.split()) for line in stderr.splitlines() if line.strip()]
+        tail = " | ".join(lines[-_STDERR_LINES_IN_MESSAGE:])
+        message = f"{name} {how} dumping database {self.database!r} from {self.params.endpoint}"
+        if tail:
+            message += f": {tail}"
+        return DumpError(self._scrub(message), returncode=returncode, stderr=stderr)
+
+    def _scrub(self, text: str) -> str:
+        password = self.params.password
+        if password and len(password) >= 4:
+            text = text.replace(password, "***")
+        return text
+
+    def _remove_option_file(self) -> None:
+        if self._option_file is not None:
+            stack, self._option_file = self._option_file, None
+            stack.close()
