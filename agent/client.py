@@ -70,7 +70,8 @@ class Channel:
             if event is not None:
                 return event
             try:
-                data = await asyncio.wait_for(self._reader.read(READ_SIZE), timeout)
+                async with asyncio.timeout(timeout):
+                    data = await self._reader.read(READ_SIZE)
             except TimeoutError:
                 raise TransportError(f"no answer from the collector in {timeout:.0f} s") \
                     from None
@@ -110,7 +111,8 @@ class Channel:
         if self._watch is not None:
             watch, self._watch = self._watch, None
             try:
-                event = await asyncio.wait_for(watch, timeout)
+                async with asyncio.timeout(timeout):
+                    event = await watch
             except TimeoutError:
                 raise TransportError(f"no answer from the collector in {timeout:.0f} s") \
                     from None
@@ -228,7 +230,8 @@ class CollectorClient:
         if self._conn is not None:
             self._conn.close()
             try:
-                await asyncio.wait_for(self._conn.wait_closed(), 10)
+                async with asyncio.timeout(10):
+                    await self._conn.wait_closed()
             except (TimeoutError, asyncssh.Error, OSError):
                 log.debug("connection close did not complete cleanly")
             self._conn = None

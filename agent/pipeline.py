@@ -40,7 +40,10 @@ class Progress:
 
 async def _next_with_stall(iterator: AsyncIterator[bytes], stall_timeout: float) -> bytes | None:
     try:
-        return await asyncio.wait_for(anext(iterator), stall_timeout)
+        # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
+        # that races with the result, leaving this stage blocked forever.
+        async with asyncio.timeout(stall_timeout):
+            return await anext(iterator)
     except StopAsyncIteration:
         return None
     except TimeoutError:

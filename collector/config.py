@@ -6,10 +6,11 @@ import zoneinfo
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Any
 
 import asyncssh
 
+from collector.notify import NotifyConfig, parse_notify_config
+from collector.retention import RetentionPolicy, parse_retention
 from common.config import Table, load_toml, parse_host_port
 from common.errors import ConfigError
 from common.logsetup import DEFAULT_LOG_DIR
@@ -70,7 +71,8 @@ class CollectorConfig:
     log: LogConfig
     agents: tuple[AgentEntry, ...]
     metrics_listen: tuple[str, int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # [notify], [retention] tables
+    notify: NotifyConfig | None = None
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
     def agent(self, name: str) -> AgentEntry | None:
         return next((a for a in self.agents if a.name == name), None)
@@ -119,10 +121,18 @@ def load_collector_config(path: Path) -> CollectorConfig:
     if metrics.has("listen"):
         metrics_listen = parse_host_port(metrics.text("listen"), metrics.where("listen"))
     metrics.done()
-    extra = {key: top.raw(key, None) for key in ("notify", "retention")}
+    notify_table = top.raw("notify", None)
+    notify = None
+    if notify_table is not None:
+        if not isinstance(notify_table, dict):
+            raise ConfigError(f"{top.where('notify')} must be a table")
+        notify = parse_notify_config(notify_table, str(path))
+    retention_table = top.raw("retention", {})
+    if not isinstance(retention_table, dict):
+        raise ConfigError(f"{top.where('retention')} must be a table")
+    retention = parse_retention(retention_table, str(path))
     top.done()
-    return CollectorConfig(path, server, storage, log, agents, metrics_listen,
-                           {k: v for k, v in extra.items() if v is not None})
+    return CollectorConfig(path, server, storage, log, agents, metrics_listen, notify, retention)
 
 
 def _server(table: Table) -> ServerConfig:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import asyncssh
 
@@ -21,37 +21,23 @@ from collector.outcomes import FanOut
 from collector.session import BackhaulSession, SessionContext
 from collector.storage import Store
 from common.errors import TransportError
+from common.identity import AgentAuthenticator
 from common.logsetup import escape_control
 
 log = logging.getLogger(__name__)
 
 
-class Authenticator(Protocol):
-    """Decides which agent, if any, an offered key or certificate belongs to."""
+def make_authenticator(config: CollectorConfig) -> AgentAuthenticator:
+    """Listed keys and, when configured, certificates from the Backhaul CA.
 
-    def begin_auth(self, username: str) -> bool: ...
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool: ...
-    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool: ...
-
-
-class ListedKeys:
-    """Agents identified by the public keys listed in collector.toml."""
-
-    def __init__(self, config: CollectorConfig) -> None:
-        self._keys: dict[str, list[bytes]] = {}
-        for agent in config.agents:
-            if agent.public_key is not None:
-                key = asyncssh.read_public_key(str(agent.public_key))
-                self._keys.setdefault(agent.name, []).append(key.public_data)
-
-    def begin_auth(self, username: str) -> bool:
-        return True  # always require authentication, even for unknown names
-
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return key.public_data in self._keys.get(username, [])
-
-    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return False
+    Raises:
+        ConfigError: unreadable keys, a key listed twice, a bad revocation list.
+    """
+    return AgentAuthenticator(
+        {a.name: a.public_key for a in config.agents if a.public_key is not None},
+        config.server.ca_public_key,
+        config.server.revocation_list,
+    )
 
 
 @dataclass
@@ -67,8 +53,10 @@ class ConnectionCaps:
 class CollectorSSHServer(asyncssh.SSHServer):
     """One instance per incoming connection."""
 
-    def __init__(self, ctx: SessionContext, auth: Authenticator, caps: ConnectionCaps) -> None:
+    def __init__(self, ctx: SessionContext, auth: AgentAuthenticator, caps: ConnectionCaps,
+                 agents: frozenset[str]) -> None:
         self._ctx = ctx
+        self._agents = agents
         self._auth = auth
         self._caps = caps
         self._conn: asyncssh.SSHServerConnection | None = None
@@ -79,6 +67,7 @@ class CollectorSSHServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        self._auth.attach(conn)
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self._caps.total += 1
@@ -105,14 +94,14 @@ class CollectorSSHServer(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        ok = self._auth.validate_public_key(username, key)
+        ok = username in self._agents and self._auth.validate_public_key(username, key)
         if not ok:
             log.warning("refused key %s for user %r from %s", key.get_fingerprint(),
                         escape_control(username[:64]), self._peer)
         return ok
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return self._auth.validate_ca_key(username, key)
+        return username in self._agents and self._auth.validate_ca_key(username, key)
 
     def auth_completed(self) -> None:
         assert self._conn is not None
@@ -125,8 +114,13 @@ class CollectorSSHServer(asyncssh.SSHServer):
                         self._caps.per_agent[agent], self._caps.max_per_agent)
         log.info("agent %s authenticated from %s", agent, self._peer)
 
-    def session_requested(self) -> BackhaulSession:
-        assert self._agent is not None
+    def session_requested(self) -> BackhaulSession | bool:
+        assert self._agent is not None and self._conn is not None
+        try:
+            self._auth.agent_for(self._agent, self._conn)
+        except TransportError as exc:  # revoked or expired since login
+            log.warning("refused a channel to agent %s (%s): %s", self._agent, self._peer, exc)
+            return False
         return BackhaulSession(self._ctx, self._agent, self._peer, busy=self._over_cap)
 
 
@@ -148,11 +142,11 @@ def make_context(config: CollectorConfig, outcomes: FanOut) -> SessionContext:
 class CollectorServer:
     """The listening SSH server plus graceful shutdown (stop accepting, drain, cancel)."""
 
-    def __init__(self, config: CollectorConfig, ctx: SessionContext,
-                 auth: Authenticator | None = None) -> None:
+    def __init__(self, config: CollectorConfig, ctx: SessionContext) -> None:
         self.config = config
         self.ctx = ctx
-        self.auth = auth or ListedKeys(config)
+        self.auth = make_authenticator(config)
+        self.agents = frozenset(a.name for a in config.agents)
         self.caps = ConnectionCaps(config.server.max_connections,
                                    config.server.max_connections_per_agent)
         self._server: asyncssh.SSHAcceptor | None = None
@@ -189,7 +183,7 @@ class CollectorServer:
         server = self.config.server
         try:
             self._server = await asyncssh.create_server(
-                lambda: CollectorSSHServer(self.ctx, self.auth, self.caps),
+                lambda: CollectorSSHServer(self.ctx, self.auth, self.caps, self.agents),
                 server.host, server.port, **self._options(),
             )
         except OSError as exc:

@@ -176,7 +176,8 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if event is not None:
                 return event
             try:
-                data = await asyncio.wait_for(self._inbox.get(), self._ctx.idle_timeout)
+                async with asyncio.timeout(self._ctx.idle_timeout):
+                    data = await self._inbox.get()
             except TimeoutError:
                 raise ChannelClosed(f"idle for {self._ctx.idle_timeout:.0f} s") from None
             if data is None:

@@ -2,14 +2,115 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
 
 from collector.config import CollectorConfig
-from collector.outcomes import OutcomeSink
+from collector.metrics import CollectorMetrics, serve_metrics
+from collector.notify import Event, Notifier
+from collector.outcomes import Outcome, OutcomeSink
+from collector.storage import Store
 
+log = logging.getLogger(__name__)
 Closer = Callable[[], Awaitable[None]]
 
 
+class MetricsSink:
+    """Feeds every outcome into the Prometheus metrics."""
+
+    def __init__(self, metrics: CollectorMetrics) -> None:
+        self.metrics = metrics
+
+    def started(self, agent: str, database: str, backup_id: str) -> None:
+        self.metrics.backup_started(agent, database, backup_id)
+
+    def finished(self, outcome: Outcome) -> None:
+        if outcome.is_report:
+            self.metrics.report_received(outcome.agent, outcome.database, outcome.reason or "")
+            return
+        assert outcome.database is not None
+        self.metrics.backup_finished(
+            outcome.agent, outcome.database, outcome.backup_id,
+            "success" if outcome.result == "success" else "failure",
+            outcome.reason, outcome.size_bytes, outcome.duration_s,
+        )
+
+    def agent_seen(self, agent: str) -> None:
+        self.metrics.agent_seen(agent)
+
+
+class NotifySink:
+    """Turns outcomes into failure and recovery notifications."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.hostname = socket.gethostname()
+
+    def started(self, agent: str, database: str, backup_id: str) -> None:
+        pass
+
+    def finished(self, outcome: Outcome) -> None:
+        self.notifier.notify(Event(
+            kind="recovery" if outcome.result == "success" else "failure",
+            agent=outcome.agent,
+            database=outcome.database or "*",
+            reason=outcome.reason or "ok",
+            message=outcome.message,
+            backup=outcome.name,
+            time=datetime.now(UTC),
+            collector=self.hostname,
+        ))
+
+    def agent_seen(self, agent: str) -> None:
+        pass
+
+
+def seed_from_store(metrics: CollectorMetrics, config: CollectorConfig) -> None:
+    """Last-success times survive a restart: read them back from the manifests."""
+    store = Store(config.storage.root)
+    for agent in config.agents:
+        for backup in store.backups(agent.name):
+            manifest = backup.manifest
+            stored_at = manifest.get("stored_at")
+            database = manifest.get("database")
+            if not isinstance(stored_at, str) or not isinstance(database, str):
+                continue
+            try:
+                when = datetime.fromisoformat(stored_at).timestamp()
+            except ValueError:
+                continue
+            size = manifest.get("size")
+            metrics.seed_last_success(agent.name, database, when,
+                                      size if isinstance(size, int) else None)
+
+
 async def build_sinks(config: CollectorConfig) -> tuple[list[OutcomeSink], list[Closer]]:
-    """The sinks to feed and the coroutines that stop them at shutdown."""
-    return [], []
+    """The sinks to feed and the coroutines that stop them at shutdown.
+
+    Raises:
+        ConfigError: the metrics address cannot be bound.
+    """
+    sinks: list[OutcomeSink] = []
+    closers: list[Closer] = []
+    registry = CollectorRegistry()
+    expected = {a.name: a.databases or () for a in config.agents}
+    metrics = CollectorMetrics(registry, expected, Path(config.storage.root))
+    await asyncio.to_thread(seed_from_store, metrics, config)
+    sinks.append(MetricsSink(metrics))
+    if config.metrics_listen is not None:
+        host, port = config.metrics_listen
+        server = await serve_metrics(registry, host, port)
+        log.info("metrics on http://%s:%d/metrics", server.host, server.port)
+        closers.append(server.close)
+    if config.notify is not None:
+        notifier = Notifier(config.notify, metrics.notification_sent, metrics.notification_failed)
+        await notifier.start()
+        sinks.append(NotifySink(notifier))
+        closers.append(notifier.close)
+    return sinks, closers

@@ -109,19 +109,25 @@ def setup_logging(
         raise ConfigError(f"log folder {log_dir} is not writable: {exc.strerror}") from None
     root = logging.getLogger()
     for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+        if getattr(handler, "backhaul", False):  # leave handlers others installed
+            root.removeHandler(handler)
+            handler.close()
     root.setLevel(level)
     # asyncssh narrates every channel at INFO; its warnings and errors are what matter.
     logging.getLogger("asyncssh").setLevel(max(level, logging.WARNING))
     probe.setFormatter(SafeFormatter(program))
-    root.addHandler(probe)
+    _install(root, probe)
     if use_syslog and Path("/dev/log").exists():
         syslog = logging.handlers.SysLogHandler(address="/dev/log")
         syslog.setFormatter(SafeFormatter(program, f"{program}[%(process)d]: %(message)s"))
-        root.addHandler(syslog)
+        _install(root, syslog)
     if stderr_level is not None:
         console = logging.StreamHandler(sys.stderr)
         console.setLevel(stderr_level)
         console.setFormatter(SafeFormatter(program, "%(program)s: %(message)s"))
-        root.addHandler(console)
+        _install(root, console)
+
+
+def _install(root: logging.Logger, handler: logging.Handler) -> None:
+    handler.backhaul = True  # type: ignore[attr-defined]
+    root.addHandler(handler)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from collector.cli import serve
 from collector.config import CollectorConfig, load_collector_config
+from common.logsetup import setup_logging
 
 
 def ssh_keygen(path: Path, comment: str = "backhaul-test") -> Path:
@@ -46,18 +47,25 @@ class Deployment:
         self.agents[name] = key
         return key
 
-    def collector_toml(self, extra: str = "", agent_extra: dict[str, str] | None = None,
-                       storage_extra: str = "", server_extra: str = "") -> Path:
+    def collector_toml(
+        self,
+        extra: str = "",
+        agent_extra: dict[str, str] | None = None,
+        storage_extra: str = "",
+        server_extra: str = "",
+    ) -> Path:
         agent_extra = agent_extra or {}
         agents = "".join(
             textwrap.dedent(f"""
             [[agents]]
             name = "{name}"
             public_key = "{key}.pub"
-            """) + agent_extra.get(name, "")
+            """)
+            + agent_extra.get(name, "")
             for name, key in self.agents.items()
         )
-        text = textwrap.dedent(f"""
+        text = (
+            textwrap.dedent(f"""
             [server]
             listen = "127.0.0.1:0"
             host_key = "{self.host_key}"
@@ -71,20 +79,22 @@ class Deployment:
             [log]
             dir = "{self.collector_logs}"
             syslog = false
-        """) + agents + extra
+        """)
+            + agents
+            + extra
+        )
         path = self.root / "collector.toml"
         path.write_text(text)
         return path
 
-    def agent_toml(self, name: str, port: int, sources: str,
-                   host_key: Path | None = None) -> Path:
+    def agent_toml(self, name: str, port: int, sources: str, host_key: Path | None = None) -> Path:
         text = textwrap.dedent(f"""
             [agent]
             name = "{name}"
 
             [collector]
             address = "127.0.0.1:{port}"
-            host_key = "{host_key or self.host_key.with_suffix('.pub')}"
+            host_key = "{host_key or self.host_key.with_suffix(".pub")}"
             client_key = "{self.agents[name]}"
             connect_timeout = 10
 
@@ -97,10 +107,18 @@ class Deployment:
         return path
 
 
-def mysql_source(port: int, databases: str, *, password_file: Path, name: str = "main",
-                 user: str = "root", extra: str = "") -> str:
+def mysql_source(
+    port: int,
+    databases: str,
+    *,
+    password_file: Path,
+    name: str = "main",
+    user: str = "root",
+    extra: str = "",
+) -> str:
     """A `[[sources]]` table for a MariaDB server on 127.0.0.1."""
-    return textwrap.dedent(f"""
+    return (
+        textwrap.dedent(f"""
         [[sources]]
         name = "{name}"
         engine = "mysql"
@@ -109,13 +127,16 @@ def mysql_source(port: int, databases: str, *, password_file: Path, name: str = 
         user = "{user}"
         password_file = "{password_file}"
         databases = {databases}
-    """) + extra
+    """)
+        + extra
+    )
 
 
 @contextlib.asynccontextmanager
 async def running_collector(config_path: Path) -> AsyncIterator[tuple[CollectorConfig, int]]:
     """Start the collector in this event loop; yields its config and bound port."""
     config = load_collector_config(config_path)
+    setup_logging("backhaul-collector", config.log.dir, use_syslog=False)
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     task = asyncio.create_task(serve(config, ready=ready, stop=stop))
@@ -140,8 +161,15 @@ class AgentRun:
 async def run_agent(config: Path, *args: str, timeout: float = 300) -> AgentRun:
     """Run `backhaul-agent backup` as a real process (its own interpreter)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", "backup", "--config", str(config), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "backup",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     try:

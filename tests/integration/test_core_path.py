@@ -1,0 +1,360 @@
+"""The core path end to end: a real MariaDB, the real agent command, a real collector.
+
+Each backup is restored with the stock `mariadb` client and compared table by table
+with CHECKSUM TABLE; each failure must leave no file and say why in one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import (
+    Deployment,
+    log_text,
+    mysql_source,
+    run_agent,
+    running_collector,
+    ssh_keygen,
+    stored_files,
+)
+from mariadb_server import MariaDBServer
+from sample_data import create_sample_databases, table_checksums
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def samples(mariadb: MariaDBServer) -> list[str]:
+    return create_sample_databases(mariadb)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Deployment:
+    deployment = Deployment(tmp_path)
+    deployment.add_agent("db1")
+    return deployment
+
+
+def password_file(tmp_path: Path, password: str) -> Path:
+    path = tmp_path / "mysql.pass"
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def restore(server: MariaDBServer, backup: Path, into: str) -> None:
+    """What the README tells an administrator: zstd -dc file | mariadb db."""
+    server.execute(f"DROP DATABASE IF EXISTS `{into}`")
+    server.execute(f"CREATE DATABASE `{into}` CHARACTER SET utf8mb4")
+    zstd = subprocess.Popen(["zstd", "-dc", str(backup)], stdout=subprocess.PIPE)
+    client = subprocess.run(
+        ["mariadb", f"--defaults-extra-file={server.defaults_file}", into],
+        stdin=zstd.stdout,
+        capture_output=True,
+        check=False,
+    )
+    assert zstd.wait() == 0
+    assert client.returncode == 0, client.stderr.decode()
+
+
+def routines_and_triggers(server: MariaDBServer, database: str) -> dict[str, int]:
+    counts = {}
+    for what, sql in {
+        "routines": "SELECT COUNT(*) FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA=%s",
+        "triggers": "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA=%s",
+        "views": "SELECT COUNT(*) FROM information_schema.VIEWS WHERE TABLE_SCHEMA=%s",
+        "events": "SELECT COUNT(*) FROM information_schema.EVENTS WHERE EVENT_SCHEMA=%s",
+    }.items():
+        counts[what] = int(server.query(sql, args=(database,))[0][0])
+    return counts
+
+
+def final_files(store: Path) -> list[Path]:
+    return [p for p in stored_files(store) if not p.name.startswith(".tmp-")]
+
+
+def no_traceback(text: str) -> None:
+    assert "Traceback" not in text
+
+
+async def test_all_databases_round_trip_through_stock_restore(
+    mariadb: MariaDBServer, samples: list[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    """Every database is stored as <db>_<yyyymmdd>.sql.zst and restores identically."""
+    pw = password_file(tmp_path, mariadb.root_password)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '"all"', password_file=pw)
+        )
+        run = await run_agent(config)
+    assert run.returncode == 0, run.stderr
+    no_traceback(run.stderr)
+    for database in samples:
+        folder = deployment.store / "db1" / database
+        backups = sorted(folder.glob("*.sql.zst"))
+        assert len(backups) == 1, list(folder.iterdir())
+        backup = backups[0]
+        assert backup.name.startswith(f"{database}_") and len(backup.name) == len(database) + 17
+        assert oct(backup.stat().st_mode & 0o777) == "0o440"
+        manifest = json.loads(Path(f"{backup}.manifest.json").read_text())
+        assert manifest["database"] == database and manifest["agent"] == "db1"
+        assert manifest["verified"] is True and manifest["engine"] == "mysql"
+        assert manifest["size"] == backup.stat().st_size
+        assert manifest["dump"]["server_version"].startswith("10.")
+        assert "binlog" in manifest["dump"]
+        restored = f"restored_{database.replace('-', '_')}"
+        restore(mariadb, backup, restored)
+        assert table_checksums(mariadb, restored) == table_checksums(mariadb, database)
+        assert routines_and_triggers(mariadb, restored) == routines_and_triggers(mariadb, database)
+    tricky = json.loads(next((deployment.store / "db1" / "my-db").glob("*.json")).read_text())
+    assert tricky["dump"]["non_innodb_tables"] == ["legacy_log"]
+    assert tricky["dump"]["consistent_snapshot"] is False
+
+
+async def test_second_backup_on_the_same_day_gets_a_suffix_and_keeps_the_first(
+    mariadb: MariaDBServer, samples: list[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    """A same-day repeat is stored as -2 and never replaces the first backup."""
+    pw = password_file(tmp_path, mariadb.root_password)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw)
+        )
+        first = await run_agent(config)
+        assert first.returncode == 0, first.stderr
+        (original,) = (deployment.store / "db1" / "tricky").glob("*.sql.zst")
+        before = original.read_bytes()
+        mariadb.execute("INSERT INTO tricky.customers (name, created) VALUES ('new', NOW())")
+        second = await run_agent(config)
+        assert second.returncode == 0, second.stderr
+    names = {p.name for p in (deployment.store / "db1" / "tricky").glob("*.sql.zst")}
+    assert names == {original.name, original.name.replace(".sql.zst", "-2.sql.zst")}
+    assert original.read_bytes() == before
+
+
+async def test_wrong_password_stops_the_backup_and_reaches_the_collector(
+    mariadb: MariaDBServer, samples: list[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    """Bad credentials: exit 5, one clear line, no file, a REPORT logged on the collector."""
+    canary = "Wr0ng-canary-Passw0rd"
+    pw = password_file(tmp_path, canary)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw)
+        )
+        run = await run_agent(config)
+    assert run.returncode == 5
+    no_traceback(run.stderr)
+    failed = [line for line in run.stderr.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "main/tricky" in failed[0] and "denied" in failed[0].lower()
+    assert final_files(deployment.store) == []
+    assert "reports failure (dump) for tricky" in log_text(deployment.collector_logs)
+    assert "tricky" in log_text(deployment.agent_logs)
+    for text in (
+        run.stdout,
+        run.stderr,
+        log_text(deployment.collector_logs),
+        log_text(deployment.agent_logs),
+    ):
+        assert canary not in text
+
+
+async def test_unknown_database_fails_alone_and_the_others_are_stored(
+    mariadb: MariaDBServer, samples: list[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    """One missing database fails; the run still stores the rest and reports each."""
+    pw = password_file(tmp_path, mariadb.root_password)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '["nope", "tricky"]', password_file=pw)
+        )
+        run = await run_agent(config)
+    assert run.returncode == 5
+    assert "ok      main/tricky" in run.stdout
+    assert "FAILED  main/nope" in run.stderr
+    assert "1 stored, 1 failed" in run.stderr
+    assert [p.parent.name for p in final_files(deployment.store)] == ["tricky", "tricky"]
+
+
+async def test_wrong_collector_host_key_is_refused(
+    mariadb: MariaDBServer, samples: list[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    """An agent pinned to another host key refuses to talk and sends nothing."""
+    pw = password_file(tmp_path, mariadb.root_password)
+    impostor = ssh_keygen(tmp_path / "impostor")
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml(
+            "db1",
+            port,
+            mysql_source(mariadb.port, '["tricky"]', password_file=pw),
+            host_key=impostor.with_suffix(".pub"),
+        )
+        run = await run_agent(config)
+    assert run.returncode == 4
+    assert "does not match the pinned" in run.stderr
+    no_traceback(run.stderr)
+    assert final_files(deployment.store) == []
+
+
+async def test_unknown_agent_key_is_refused(
+    mariadb: MariaDBServer, samples: list[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    """A key the collector does not list cannot log in, even under a listed name."""
+    pw = password_file(tmp_path, mariadb.root_password)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        deployment.agents["db1"] = ssh_keygen(tmp_path / "stranger")
+        config = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw)
+        )
+        run = await run_agent(config)
+    assert run.returncode == 4
+    assert "refused this agent's key" in run.stderr
+    assert final_files(deployment.store) == []
+    assert "refused login as agent db1" in log_text(deployment.collector_logs)
+
+
+@pytest.fixture(scope="module")
+def bulky(mariadb: MariaDBServer) -> str:
+    """A database whose compressed dump is several MiB, for mid-stream failures."""
+    from sample_data import generate_bulk
+
+    generate_bulk(mariadb, "bulky", 60 * 1024 * 1024)
+    return "bulky"
+
+
+@pytest.fixture
+def tiny_store(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs as the collector's store: the disk fills mid-backup."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_full_disk_on_the_collector_rejects_and_leaves_nothing(
+    mariadb: MariaDBServer,
+    bulky: str,
+    deployment: Deployment,
+    tmp_path: Path,
+    tiny_store: Path,
+) -> None:
+    """ENOSPC mid-stream: REJECT storage, exit 8, no final file and no temporary."""
+    pw = password_file(tmp_path, mariadb.root_password)
+    deployment.store = tiny_store
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '["bulky"]', password_file=pw)
+        )
+        run = await run_agent(config)
+    assert run.returncode == 8, run.stderr
+    assert "disk full" in run.stderr
+    no_traceback(run.stderr)
+    assert stored_files(tiny_store) == []
+    assert "disk full" in log_text(deployment.collector_logs)
+
+
+async def _wait_for_temp(store: Path, timeout: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if any(
+            p.name.startswith(".tmp-") and p.stat().st_size > 256 * 1024
+            for p in store.rglob(".tmp-*")
+        ):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the backup never started streaming")
+
+
+async def test_database_killed_mid_dump_leaves_nothing(
+    mariadb_fresh: MariaDBServer, deployment: Deployment, tmp_path: Path
+) -> None:
+    """The server dies during the dump: ABORT, exit 5, nothing kept on either side."""
+    from sample_data import generate_bulk
+
+    generate_bulk(mariadb_fresh, "victim", 150 * 1024 * 1024)
+    pw = password_file(tmp_path, mariadb_fresh.root_password)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb_fresh.port, '["victim"]', password_file=pw)
+        )
+        agent = asyncio.create_task(run_agent(config))
+        await _wait_for_temp(deployment.store)
+        mariadb_fresh.kill()
+        run = await agent
+    assert run.returncode == 5, run.stdout + run.stderr
+    no_traceback(run.stderr)
+    assert "FAILED  main/victim" in run.stderr
+    assert stored_files(deployment.store) == []
+    assert "agent aborted" in log_text(deployment.collector_logs)
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that drops both sides after ``limit`` bytes upstream."""
+
+    def __init__(self, target_port: int, limit: int) -> None:
+        self.target_port = target_port
+        self.limit = limit
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> CuttingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        sent = 0
+
+        async def upstream() -> None:
+            nonlocal sent
+            while (data := await reader.read(65536)) and sent < self.limit:
+                sent += len(data)
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+        down = asyncio.create_task(downstream())
+        await upstream()
+        down.cancel()
+        for w in (writer, up_writer):
+            w.transport.abort()
+
+
+async def test_connection_cut_mid_stream_leaves_nothing(
+    mariadb: MariaDBServer, bulky: str, deployment: Deployment, tmp_path: Path
+) -> None:
+    """The network drops mid-upload: the agent fails (exit 4), the collector keeps nothing."""
+    pw = password_file(tmp_path, mariadb.root_password)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        async with CuttingProxy(port, limit=3 * 1024 * 1024) as proxy:
+            config = deployment.agent_toml(
+                "db1", proxy.port, mysql_source(mariadb.port, '["bulky"]', password_file=pw)
+            )
+            run = await run_agent(config)
+        await asyncio.sleep(0.5)  # let the collector notice the dead connection
+    assert run.returncode == 4, run.stdout + run.stderr
+    no_traceback(run.stderr)
+    assert "FAILED  main/bulky" in run.stderr
+    assert stored_files(deployment.store) == []
+    assert "bulky" in log_text(deployment.collector_logs)
