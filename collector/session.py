@@ -8,6 +8,7 @@ temporary file, and yields one log line naming the peer and the cause.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -254,7 +255,7 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         budget = MAX_CONTROL_PAYLOAD - 1024
         for backup in reversed(backups):  # newest first, as many as fit
             summary = _summary(backup)
-            budget -= len(str(summary)) + 8
+            budget -= len(json.dumps(summary, ensure_ascii=False).encode()) + 8
             if budget < 0:
                 break
             summaries.append(summary)

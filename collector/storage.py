@@ -176,7 +176,9 @@ class Upload:
 def _write_file(path: Path, content: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, content)
+        view = memoryview(content)
+        while view:  # a nearly full disk may accept only part of a write
+            view = view[os.write(fd, view) :]
         os.fchmod(fd, FILE_MODE)
         os.fsync(fd)
     finally:
@@ -201,6 +203,11 @@ def iter_backups(folder: Path) -> Iterator[StoredBackup]:
             log.warning("unreadable manifest %s", folder / entry)
             continue
         yield StoredBackup(data, manifest)
+
+
+def _order(backup: StoredBackup) -> tuple[str, int, str]:
+    parsed = parse_backup_name(backup.name)
+    return (str(backup.manifest.get("started_at", "")), parsed.seq if parsed else 0, backup.name)
 
 
 class Store:
@@ -248,7 +255,7 @@ class Store:
             except FileNotFoundError:
                 return []
         found = [b for folder in folders for b in iter_backups(folder)]
-        found.sort(key=lambda b: (str(b.manifest.get("started_at", "")), b.name))
+        found.sort(key=_order)
         return found
 
     def sweep(self) -> int:

@@ -42,14 +42,18 @@ def parse_host_port(value: str, where: str, default_port: int | None = None) -> 
     Raises:
         ConfigError: malformed value or port out of range.
     """
+    bracketed_alone = value.startswith("[") and value.endswith("]")
     host, sep, port_text = value.rpartition(":")
-    if not sep:
+    if not sep or bracketed_alone:
         if default_port is None:
             raise ConfigError(f"{where}: expected host:port, got {value!r}")
         host, port_text = value, str(default_port)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    elif ":" in host:
+        raise ConfigError(f"{where}: write an IPv6 address in brackets, as [::1]:2222")
+    numeric = port_text.isascii() and port_text.isdecimal()
+    if not host or not numeric or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{where}: expected host:port with a port 0-65535, got {value!r}")
     return host, int(port_text)
 
@@ -64,6 +68,8 @@ def read_secret_file(path: Path, where: str) -> str:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read password file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: password file {path} is not UTF-8") from None
     secret = text.splitlines()[0] if text else ""
     if not secret:
         raise ConfigError(f"{where}: password file {path} is empty")
@@ -92,7 +98,7 @@ class Table:
                 raise ConfigError(f"{self.where(key)} is required")
             return default
         value = self._data[key]
-        if isinstance(value, bool) and kind is not bool:
+        if isinstance(value, bool) and kind not in (bool, object):
             raise ConfigError(f"{self.where(key)} must be {what}, not a boolean")
         if not isinstance(value, kind):
             raise ConfigError(f"{self.where(key)} must be {what}, got {value!r}")

@@ -33,7 +33,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 TEMP_PREFIX = ".tmp-"
 
 _NAME_RE = re.compile(
-    r"\A(?P<db>[A-Za-z0-9_%][A-Za-z0-9_%-]*)_(?P<date>[0-9]{8})(?:-(?P<seq>[1-9][0-9]{0,3}))?"
+    r"\A(?P<db>[A-Za-z0-9_%][A-Za-z0-9_%-]*)_(?P<date>[0-9]{8})(?:-(?P<seq>[2-9]|[1-9][0-9]{1,3}))?"
     r"\.(?P<ext>[a-z]+\.[a-z]+)\Z"
 )
 

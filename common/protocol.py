@@ -128,10 +128,11 @@ class Connection:
             )
         if isinstance(event, Hello) and self.role is Role.COLLECTOR and len(event.versions) != 1:
             raise LocalProtocolError("the collector's HELLO names exactly one version")
+        payload = encode_payload(event)  # may refuse; the state must not move first
         self.state = self._advance(self.role, event, LocalProtocolError)
         if isinstance(event, Hello) and self.role is Role.COLLECTOR:
             self.version = event.versions[0]
-        return encode_frame(event.frame_type, encode_payload(event))
+        return encode_frame(event.frame_type, payload)
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes received from the peer; b"" means the peer sent EOF."""

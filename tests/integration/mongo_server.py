@@ -1,0 +1,126 @@
+"""A throwaway nx-27017 (MongoDB wire protocol over SQLite) server on a loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import pymongo
+from pymongo.errors import PyMongoError
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class NxServer:
+    """One nx-27017 process with its own data directory, pid file and log file.
+
+    nx-27017 refuses to start when its pid file names a live process, so every instance
+    gets a directory of its own.
+    """
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://{HOST}:{self.port}/?directConnection=true"
+
+    @property
+    def log_text(self) -> str:
+        logs = [self.base_dir / "nx.log", self.base_dir / "output.log"]
+        return "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start on a free port and return once the server answers ping."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(3):
+            self.port = free_port()
+            self._spawn()
+            if self._wait_ready(timeout):
+                return
+            self.kill()
+        raise RuntimeError(f"nx-27017 did not become ready:\n{self.log_text}")
+
+    def stop(self) -> None:
+        """Ask the server to exit (SIGTERM), then make sure it did."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def kill(self) -> None:
+        """End the server at once, as a crash would (SIGKILL)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> NxServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _spawn(self) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "nx_27017.nx_27017",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.base_dir / "data"),
+            "--pid-file",
+            str(self.base_dir / "nx.pid"),
+            "--log-file",
+            str(self.base_dir / "nx.log"),
+        ]
+        with (self.base_dir / "output.log").open("ab") as output:
+            self._process = subprocess.Popen(
+                command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
+            self.uri, serverSelectionTimeoutMS=250, connectTimeoutMS=250
+        )
+        try:
+            while time.monotonic() < deadline:
+                if self._process is None or self._process.poll() is not None:
+                    return False
+                with contextlib.suppress(PyMongoError):
+                    client.admin.command("ping")
+                    return True
+            return False
+        finally:
+            client.close()
