@@ -28,6 +28,7 @@ class Outcome:
     duration_s: float = 0.0
     name: str | None = None  # the stored name on success
     is_report: bool = False
+    is_drill: bool = False  # a restore drill's result, reported by the agent
 
 
 class OutcomeSink(Protocol):

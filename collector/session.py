@@ -240,12 +240,30 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if database is not None and not self._database_allowed(database):
             database = None
         message = escape_control(report.message)
+        if report.kind != "failure":
+            await self._drill_report(report, database, message)
+            return
         log.error("agent %s reports failure (%s) for %s: %s", self.agent,
                   escape_control(report.reason), escape_control(database or "-"), message)
         self._ctx.outcomes.finished(Outcome(
             agent=self.agent, database=database, backup_id=secrets.token_hex(6),
             result="failure", reason=escape_control(report.reason), message=message,
             is_report=True,
+        ))
+        await self._send(Ack())
+
+    async def _drill_report(self, report: Report, database: str | None, message: str) -> None:
+        ok = report.kind == "drill_ok"
+        if database is None:
+            raise RemoteProtocolError("a drill report names a database", RejectCode.NOT_ALLOWED)
+        level = logging.INFO if ok else logging.ERROR
+        log.log(level, "agent %s restore drill of %s %s: %s", self.agent,
+                escape_control(database), "passed" if ok else "FAILED", message)
+        self._ctx.outcomes.finished(Outcome(
+            agent=self.agent, database=database, backup_id=secrets.token_hex(6),
+            result="success" if ok else "failure",
+            reason=None if ok else escape_control(report.reason) or "drill",
+            message=message, is_drill=True,
         ))
         await self._send(Ack())
 

@@ -31,6 +31,11 @@ class MetricsSink:
         self.metrics.backup_started(agent, database, backup_id)
 
     def finished(self, outcome: Outcome) -> None:
+        if outcome.is_drill:
+            assert outcome.database is not None
+            self.metrics.drill_finished(outcome.agent, outcome.database,
+                                        outcome.result == "success")
+            return
         if outcome.is_report:
             self.metrics.report_received(outcome.agent, outcome.database, outcome.reason or "")
             return
@@ -56,6 +61,8 @@ class NotifySink:
         pass
 
     def finished(self, outcome: Outcome) -> None:
+        if outcome.is_drill and outcome.result == "success":
+            return  # a passed drill is no news; a failed one is
         self.notifier.notify(Event(
             kind="recovery" if outcome.result == "success" else "failure",
             agent=outcome.agent,

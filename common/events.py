@@ -210,7 +210,9 @@ class Reject(Event):
 
 @dataclass(frozen=True)
 class Report(Event):
-    """Agent tells the collector about a failure that happened before any BEGIN."""
+    """Agent tells the collector something it did not see: a failure before any BEGIN
+    (kind "failure"), or the result of a restore drill (kind "drill_ok"/"drill_failed").
+    """
 
     frame_type: ClassVar[FrameType] = FrameType.REPORT
     reason: str
@@ -218,9 +220,11 @@ class Report(Event):
     database: str | None = None
     source: str | None = None
     at: str = ""
+    kind: str = "failure"
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "kind": self.kind,
             "reason": self.reason,
             "message": self.message,
             "database": self.database,
@@ -236,7 +240,18 @@ class Report(Event):
             database=_text(obj, "database", MAX_NAME, optional=True),
             source=_text(obj, "source", MAX_NAME, optional=True),
             at=_text(obj, "at", 64, optional=True) or "",
+            kind=_report_kind(obj),
         )
+
+
+REPORT_KINDS = ("failure", "drill_ok", "drill_failed")
+
+
+def _report_kind(obj: dict[str, Any]) -> str:
+    kind = _text(obj, "kind", 32, optional=True) or "failure"
+    if kind not in REPORT_KINDS:
+        raise RemoteProtocolError(f"REPORT kind must be one of {', '.join(REPORT_KINDS)}")
+    return str(kind)
 
 
 @dataclass(frozen=True)
