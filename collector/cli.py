@@ -12,14 +12,16 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from collector import inventory, prune
 from collector.config import CollectorConfig, load_collector_config
 from collector.outcomes import FanOut
 from collector.server import CollectorServer, make_context
 from common.errors import BackhaulError, ConfigError, ExitCode
-from common.logsetup import escape_control, setup_logging
+from common.logsetup import SafeFormatter, escape_control, setup_logging
 
 PROG = "backhaul-collector"
 log = logging.getLogger(__name__)
@@ -33,6 +35,27 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
     check = sub.add_parser("check-config", help="validate collector.toml and exit")
     check.add_argument("--config", type=Path, required=True)
+    pruning = sub.add_parser("prune", help="delete old backups as [retention] says")
+    pruning.add_argument("--config", type=Path, required=True, help="path to collector.toml")
+    pruning.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
+    pruning.add_argument("--agent", help="only this agent")
+    pruning.add_argument("--database", help="only this database")
+    pruning.add_argument("--show-kept", action="store_true", help="list kept backups and why")
+    pruning.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
+    pruning.set_defaults(operation=_prune)
+    listing = sub.add_parser("list", help="print the stored backups")
+    listing.add_argument("--config", type=Path, required=True, help="path to collector.toml")
+    listing.add_argument("--agent", help="only this agent")
+    listing.add_argument("--database", help="only this database")
+    listing.set_defaults(operation=_list)
+    verifying = sub.add_parser("verify", help="re-hash stored backups against their manifests")
+    verifying.add_argument("--config", type=Path, required=True, help="path to collector.toml")
+    scope = verifying.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--all", action="store_true", help="every backup in the store")
+    scope.add_argument("--agent", help="only this agent")
+    verifying.add_argument("--database", help="only this database (with --agent)")
+    verifying.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
+    verifying.set_defaults(operation=_verify)
     return parser
 
 
@@ -47,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             print(f"{args.config}: OK ({len(config.agents)} agent(s))")
             return ExitCode.OK
+        operation: Operation | None = getattr(args, "operation", None)
+        if operation is not None:
+            return operation(config, args)
         setup_logging(PROG, config.log.dir, use_syslog=config.log.syslog,
                       level=getattr(logging, config.log.level.upper()),
                       stderr_level=logging.INFO if args.verbose else logging.ERROR)
@@ -94,6 +120,78 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
             await close()
     log.info("stopped")
     return ExitCode.OK
+
+
+Operation = Callable[[CollectorConfig, argparse.Namespace], int]
+
+
+def _console_logging(verbose: bool) -> None:
+    """Warnings (everything with -v) on stderr only, for commands that change nothing."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter(PROG, "%(program)s: %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.addHandler(handler)
+
+
+def _file_logging(config: CollectorConfig, stderr_level: int | None) -> None:
+    setup_logging(PROG, config.log.dir, use_syslog=config.log.syslog,
+                  level=getattr(logging, config.log.level.upper()), stderr_level=stderr_level)
+
+
+def _known_agent(config: CollectorConfig, agent: str | None) -> None:
+    if agent is None:
+        return
+    inventory.check_agent_name(agent)
+    if config.agent(agent) is None and not (config.storage.root / agent).is_dir():
+        raise ConfigError(f"--agent {agent!r} is neither in {config.source} nor in the store")
+
+
+def _prune(config: CollectorConfig, args: argparse.Namespace) -> int:
+    if args.dry_run:
+        _console_logging(args.verbose)
+        run = prune.plan_store(config, args.agent, args.database)
+    else:
+        _file_logging(config, logging.INFO if args.verbose else logging.WARNING)
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        run = prune.prune_store(config, args.agent, args.database, stop.is_set)
+    actions = prune.actions_table(run, args.dry_run, args.show_kept)
+    if actions is not None:
+        print(actions, end="\n\n")
+    print(prune.summary_table(run, args.dry_run))
+    if run.stopped:
+        return ExitCode.FAILED
+    return ExitCode.STORAGE if run.failed else ExitCode.OK
+
+
+def _list(config: CollectorConfig, args: argparse.Namespace) -> int:
+    _console_logging(False)
+    _known_agent(config, args.agent)
+    root = config.storage.root
+    entries = inventory.scan(root, args.agent, args.database)
+    if not entries:
+        print("no backups found")
+        return ExitCode.OK
+    rows = inventory.listing_rows(entries, inventory.load_status_or_warn(root),
+                                  config.storage.timezone)
+    print(inventory.render_table(inventory.LIST_HEADERS, rows, right=[3]))
+    total = inventory.human_size(inventory.total_size(entries))
+    print(f"{len(entries)} backup(s), {total}")
+    return ExitCode.OK
+
+
+def _verify(config: CollectorConfig, args: argparse.Namespace) -> int:
+    if args.database is not None and args.agent is None:
+        raise ConfigError("--database needs --agent")
+    _known_agent(config, args.agent)
+    _file_logging(config, logging.INFO if args.verbose else None)
+    scope = inventory.Scope(args.agent, args.database)
+    run = inventory.verify_store(config.storage.root, scope, config.storage.max_expansion,
+                                 progress=lambda check: print(inventory.format_check(check)))
+    print(f"{len(run.checks)} backup(s) checked, {len(run.mismatches)} mismatch(es)")
+    return ExitCode.INTEGRITY if run.mismatches else ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from collector.config import CollectorConfig
+from collector.inventory import VerifyStatusReader
 from collector.metrics import CollectorMetrics, serve_metrics
 from collector.notify import Event, Notifier
 from collector.outcomes import Outcome, OutcomeSink
@@ -108,6 +109,8 @@ async def build_sinks(config: CollectorConfig) -> tuple[list[OutcomeSink], list[
     registry = CollectorRegistry()
     expected = {a.name: a.databases or () for a in config.agents}
     metrics = CollectorMetrics(registry, expected, Path(config.storage.root))
+    # After CollectorMetrics: a finding shows one scrape later, so Prometheus sees the step.
+    registry.register(VerifyStatusReader(Path(config.storage.root), metrics.verify_mismatch))
     await asyncio.to_thread(seed_from_store, metrics, config)
     sinks.append(MetricsSink(metrics))
     if config.metrics_listen is not None:
