@@ -26,8 +26,13 @@ pytestmark = pytest.mark.integration
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 HOST_UNIT_LIBRARY = Path("/usr/lib/systemd/system")
-SERVICES = ("backhaul-collector.service", "backhaul-agent.service", "backhaul-prune.service")
-UNITS = (*SERVICES, "backhaul-prune.timer")
+SERVICES = (
+    "backhaul-collector.service",
+    "backhaul-agent.service",
+    "backhaul-prune.service",
+    "backhaul-verify.service",
+)
+UNITS = (*SERVICES, "backhaul-prune.timer", "backhaul-verify.timer")
 
 Sections = dict[str, dict[str, list[str]]]
 
@@ -80,6 +85,17 @@ PER_SERVICE: dict[str, dict[str, str]] = {
         "Group": "backhaul",
         "ExecStart": (
             "/opt/backhaul/bin/backhaul-collector prune --config /etc/backhaul/collector.toml"
+        ),
+        "StateDirectory": "backhaul",
+        "ReadWritePaths": "/var/lib/backhaul /var/log/backhaul",
+    },
+    "backhaul-verify.service": {
+        "Type": "oneshot",
+        "User": "backhaul",
+        "Group": "backhaul",
+        "ExecStart": (
+            "/opt/backhaul/bin/backhaul-collector verify --all --config "
+            "/etc/backhaul/collector.toml"
         ),
         "StateDirectory": "backhaul",
         "ReadWritePaths": "/var/lib/backhaul /var/log/backhaul",
