@@ -11,11 +11,17 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 
 from agent.client import CollectorClient
 from agent.config import AgentConfig, load_agent_config
+from agent.drill import run_drill
+from agent.progress import ProgressDisplay
+from agent.remote import ServiceClient
+from agent.restore import RestoreRequest, restore
 from agent.runner import BackupResult, BackupRunner, run_exit_code
+from agent.service import DEFAULT_STOP_TIMEOUT, AgentService
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import escape_control, setup_logging
 
@@ -33,7 +39,53 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
     check = sub.add_parser("check-config", help="validate agent.toml and exit")
     check.add_argument("--config", type=Path, required=True)
+    run = sub.add_parser("run", help="run as a service: back up each source on its schedule")
+    run.add_argument("--config", type=Path, required=True, help="path to agent.toml")
+    run.add_argument("--grace", type=_seconds, default=0.0, metavar="SECONDS",
+                     help="on SIGTERM, let running backups finish this long before "
+                          "aborting them (default 0)")
+    run.add_argument("--stop-timeout", type=_seconds, default=DEFAULT_STOP_TIMEOUT,
+                     metavar="SECONDS", help="then wait this long for them to stop "
+                                             f"(default {DEFAULT_STOP_TIMEOUT:.0f})")
+    run.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
+    restore = sub.add_parser("restore", help="restore a backup from the collector")
+    _restore_arguments(restore)
+    restore.add_argument("--date", type=_day, metavar="YYYYMMDD",
+                         help="the newest backup of this day (default: the newest)")
+    restore.add_argument("--into", metavar="NAME", help="restore into this database instead")
+    restore.add_argument("--force", action="store_true",
+                         help="replace the target database if it already holds anything")
+    drill = sub.add_parser("drill", help="restore the latest backup into a scratch database, "
+                                         "compare, drop it and report to the collector")
+    _restore_arguments(drill)
     return parser
+
+
+def _restore_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="path to agent.toml")
+    parser.add_argument("--database", required=True, help="the database whose backup to use")
+    parser.add_argument("--source", help="the [[sources]] server to restore to "
+                                         "(needed when several are configured)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86_400:
+        raise argparse.ArgumentTypeError("give 0 to 86400 seconds")
+    return value
+
+
+def _day(text: str) -> date:
+    try:
+        if len(text) != 8 or not text.isdecimal():
+            raise ValueError
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date as yyyymmdd") from None
 
 
 def _err(message: str) -> None:
@@ -47,8 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             print(f"{args.config}: OK ({len(config.sources)} source(s))")
             return ExitCode.OK
-        setup_logging(PROG, config.log_dir, use_syslog=config.syslog,
-                      stderr_level=logging.INFO if args.verbose else None)
+        stderr_level = logging.INFO if args.verbose else None
+        setup_logging(PROG, config.log_dir, use_syslog=config.syslog, stderr_level=stderr_level)
+        if args.command == "run":
+            return asyncio.run(_run(config, args.grace, args.stop_timeout, stderr_level))
+        if args.command == "restore":
+            request = RestoreRequest(args.database, args.source, args.date, args.into,
+                                     args.force)
+            return asyncio.run(_restore(config, request))
+        if args.command == "drill":
+            return asyncio.run(_drill(config, args.database, args.source))
         return asyncio.run(_backup(config, args.source, args.database))
     except ConfigError as exc:
         _err(f"configuration error: {exc}")
@@ -66,14 +126,52 @@ async def _backup(config: AgentConfig, source: str | None, database: str | None)
         raise ConfigError(f"no source named {source!r} in {config.source_file}")
     if database is not None and source is None and len(config.sources) > 1:
         raise ConfigError("--database needs --source when several sources are configured")
+    display = ProgressDisplay.for_stream()
     try:
-        async with CollectorClient(config) as client:
-            results = await BackupRunner(config, client).run(source, database)
+        async with ServiceClient(config) as client:
+            runner = BackupRunner(config, client, progress_factory=display.meter)
+            results = await runner.run(source, database)
     except BackhaulError as exc:
         log.error("backup run failed: %s", exc)
         raise
+    finally:
+        display.finish()
     _print(results)
     return run_exit_code(results)
+
+
+async def _run(config: AgentConfig, grace: float, stop_timeout: float,
+               stderr_level: int | None) -> int:
+    def relog(new: AgentConfig) -> None:
+        setup_logging(PROG, new.log_dir, use_syslog=new.syslog, stderr_level=stderr_level)
+
+    service = AgentService(config, grace=grace, stop_timeout=stop_timeout, on_reload=relog)
+    return await service.run()
+
+
+async def _restore(config: AgentConfig, request: RestoreRequest) -> int:
+    display = ProgressDisplay.for_stream()
+    try:
+        async with CollectorClient(config) as client:
+            outcome = await restore(config, request, client, meter=display.meter)
+    except BackhaulError as exc:
+        log.error("restore of %s failed: %s", escape_control(request.database), exc)
+        raise
+    finally:
+        display.finish()
+    print(outcome.line())
+    return ExitCode.OK
+
+
+async def _drill(config: AgentConfig, database: str, source: str | None) -> int:
+    display = ProgressDisplay.for_stream()
+    try:
+        async with CollectorClient(config) as client:
+            result = await run_drill(config, database, source, client, meter=display.meter)
+    finally:
+        display.finish()
+    print(result.line(), file=sys.stdout if result.ok else sys.stderr)
+    return result.exit_code
 
 
 def _print(results: list[BackupResult]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from agent.schedule import parse_schedule
 from common.compression import KINDS
 from common.config import Table, load_toml, parse_host_port
 from common.errors import ConfigError
@@ -37,6 +38,8 @@ class SourceConfig:
     compression_level: int | None = None
     stall_timeout: float = 600.0
     schedule: str | None = None
+    random_delay: float = 0.0
+    record_checksums: bool = True
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -53,6 +56,8 @@ class CollectorEndpoint:
     client_certificate: Path | None = None
     ca_public_key: Path | None = None
     connect_timeout: float = 30.0
+    retries: int = 3  # extra attempts to reach the collector, with doubling waits
+    retry_backoff: float = 5.0  # seconds before the first retry
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class AgentConfig:
     log_dir: Path
     syslog: bool
     sources: tuple[SourceConfig, ...]
+    max_concurrent: int = 1
 
     def source(self, name: str) -> SourceConfig | None:
         return next((s for s in self.sources if s.name == name), None)
@@ -79,6 +85,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     name = agent.text("name")
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] in ".-":
         raise ConfigError(f"{agent.where('name')}: use letters, digits, '-', '_' and '.'")
+    max_concurrent = agent.integer("max_concurrent", 1, low=1, high=64)
     agent.done()
     collector = _collector(top.table("collector", required=True))
     log = top.table("log")
@@ -93,7 +100,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     if duplicate:
         raise ConfigError(f"{path}: sources: the name {duplicate!r} appears twice")
     top.done()
-    return AgentConfig(path, name, collector, log_dir, syslog, sources)
+    return AgentConfig(path, name, collector, log_dir, syslog, sources, max_concurrent)
 
 
 def _collector(table: Table) -> CollectorEndpoint:
@@ -107,6 +114,8 @@ def _collector(table: Table) -> CollectorEndpoint:
         client_certificate=table.path("client_certificate", None),
         ca_public_key=table.path("ca_public_key", None),
         connect_timeout=table.number("connect_timeout", 30.0, low=1),
+        retries=table.integer("retries", 3, low=0, high=20),
+        retry_backoff=table.number("retry_backoff", 5.0, low=0),
     )
     if endpoint.host_key is None and endpoint.ca_public_key is None:
         raise ConfigError(
@@ -143,9 +152,13 @@ def _source(table: Table) -> SourceConfig:
         compression=table.text("compression", "zstd" if is_mysql else "gzip", choices=KINDS),
         compression_level=table.integer("compression_level", None, low=1, high=22),
         stall_timeout=table.number("stall_timeout", 600.0, low=1),
-        schedule=table.text("schedule", None),
+        schedule=_schedule(table),
+        random_delay=table.number("random_delay", 0.0, low=0),
+        record_checksums=table.flag("record_checksums", True) if is_mysql else False,
         extra={k: table.raw(k) for k in ("include_users_and_roles", "oplog") if table.has(k)},
     )
+    if source.random_delay and source.schedule is None:
+        raise ConfigError(f"{table.where('random_delay')} needs a schedule")
     if is_mysql and source.user is None:
         raise ConfigError(f"{table.where('user')} is required for a mysql source")
     if source.uri is not None and "@" in urlsplit(source.uri).netloc:
@@ -154,3 +167,15 @@ def _source(table: Table) -> SourceConfig:
         )
     table.done()
     return source
+
+
+def _schedule(table: Table) -> str | None:
+    """The source's schedule, checked now so a typo stops start-up, not the 02:30 run."""
+    text: str | None = table.text("schedule", None)
+    if text is None:
+        return None
+    try:
+        parse_schedule(text)
+    except ValueError as exc:
+        raise ConfigError(f"{table.where('schedule')}: {exc}") from None
+    return text

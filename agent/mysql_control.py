@@ -23,6 +23,7 @@ from common.errors import DumpError
 
 SYSTEM_SCHEMAS = frozenset({"information_schema", "performance_schema", "mysql", "sys"})
 _BASE_TABLE_TYPES = ("BASE TABLE", "SYSTEM VERSIONED")
+_LOCK_WAIT_TIMEOUT = 60
 _CONNECT_TIMEOUT = 10
 _MAX_NAMES_IN_MESSAGE = 5
 
@@ -105,7 +106,7 @@ def quote_identifier(name: str) -> str:
 
 def discover_databases(params: MySQLParams) -> list[str]:
     """Every database the user can see, except the system schemas, sorted."""
-    with _connect(params) as cur:
+    with connect(params) as cur:
         cur.execute("SHOW DATABASES")
         names = [str(row[0]) for row in cur.fetchall()]
     return sorted(name for name in names if name.lower() not in SYSTEM_SCHEMAS)
@@ -119,7 +120,7 @@ def preflight(params: MySQLParams, database: str) -> MySQLPreflight:
             the dump needs is missing (SELECT, SHOW VIEW, TRIGGER, EVENT, routine
             definitions), or a view is invalid.
     """
-    with _connect(params, database) as cur:
+    with connect(params, database) as cur:
         cur.execute("SELECT VERSION(), @@version_comment")
         version, comment = cur.fetchone()
         flavor: Literal["mariadb", "mysql"] = (
@@ -141,7 +142,7 @@ def preflight(params: MySQLParams, database: str) -> MySQLPreflight:
         ]
         size = sum(int(r[3] or 0) for r in rows if r[1] in _BASE_TABLE_TYPES)
         warnings = _check_privileges(cur, params, database, tables, views, flavor)
-        binlog, binlog_warning = _binlog_position(cur, flavor)
+        binlog, binlog_warning = read_binlog_position(cur, flavor)
     if non_innodb:
         warnings.insert(
             0,
@@ -165,7 +166,7 @@ def preflight(params: MySQLParams, database: str) -> MySQLPreflight:
 def table_checksums(params: MySQLParams, database: str) -> dict[str, dict[str, int]]:
     """``{"rows": COUNT(*), "checksum": CHECKSUM TABLE}`` for every base table of ``database``."""
     result: dict[str, dict[str, int]] = {}
-    with _connect(params, database) as cur:
+    with connect(params, database) as cur:
         for table in _base_tables(cur, database):
             quoted = quote_identifier(table)
             cur.execute(f"SELECT COUNT(*) FROM {quoted}")  # noqa: S608 - quoted identifier
@@ -184,7 +185,7 @@ def table_checksums(params: MySQLParams, database: str) -> dict[str, dict[str, i
 
 
 @contextlib.contextmanager
-def _connect(params: MySQLParams, database: str | None = None) -> Iterator[Any]:
+def connect(params: MySQLParams, database: str | None = None) -> Iterator[Any]:
     """A cursor on a fresh autocommit connection; pymysql errors become DumpError."""
     try:
         conn = pymysql.connect(
@@ -198,6 +199,9 @@ def _connect(params: MySQLParams, database: str | None = None) -> Iterator[Any]:
             charset="utf8mb4",
             autocommit=True,
             connect_timeout=_CONNECT_TIMEOUT,
+            # A table held by LOCK TABLES ... WRITE would block the preflight for
+            # MariaDB's default of a day, before any stall timer runs: fail in a minute.
+            init_command=f"SET SESSION lock_wait_timeout = {_LOCK_WAIT_TIMEOUT}",
         )
     except pymysql.MySQLError as exc:
         raise _translate(exc, params, database) from exc
@@ -424,7 +428,7 @@ def _schema_pattern_matches(pattern: str, database: str) -> bool:
 # -- binlog -----------------------------------------------------------------------------------
 
 
-def _binlog_position(cur: Any, flavor: str) -> tuple[dict[str, str | int] | None, str | None]:
+def read_binlog_position(cur: Any, flavor: str) -> tuple[dict[str, str | int] | None, str | None]:
     """The binlog file, position and GTID set (or None), and a warning if not permitted.
 
     Lacking the privilege to read the position never fails a backup.

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.client import VERDICT_TIMEOUT, Channel, CollectorClient
+from agent.client import VERDICT_TIMEOUT, Channel, CollectorClient, CollectorTrustError
 from agent.config import AgentConfig, SourceConfig
 from agent.pipeline import Progress, run_pipeline
+from agent.retry import retry
 from agent.sources import Adapter, adapter_for
 from common.compression import make_compressor
 from common.errors import BackhaulError, DumpError, ExitCode, RejectedError, TransportError
@@ -54,6 +55,13 @@ def run_exit_code(results: list[BackupResult]) -> ExitCode:
     if not codes:
         return ExitCode.OK
     return codes.pop() if len(codes) == 1 else ExitCode.FAILED
+
+
+def _worth_reporting_again(exc: BaseException) -> bool:
+    """A REPORT lost on the way is sent again, unless the collector will not have us."""
+    if isinstance(exc, RejectedError):
+        return exc.code == "busy"
+    return isinstance(exc, TransportError) and not isinstance(exc, CollectorTrustError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -180,20 +188,41 @@ class BackupRunner:
 
     async def _report(self, source: SourceConfig, database: str | None,
                       exc: BaseException) -> None:
-        """Tell the collector about a failure before any dump began; best effort."""
+        """Tell the collector about a failure before any dump began.
+
+        A report lost on the way (collector unreachable, connection broken, busy) is
+        sent again on a new connection, with backoff (``[collector] retries``,
+        ``retry_backoff``). If the collector stays away the failure is only in the local
+        log, and the collector's missing-backup alert covers the silence.
+        """
+        label = f"{source.name}/{escape_control(database or '*')}"
+        report = Report(
+            reason=_reason(exc), message=str(exc)[:1000], database=database,
+            source=source.name, at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        attempts = 0
+
+        async def send() -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                await self.client.reconnect()
+            await self._send_report(report)
+
         try:
-            channel = await self.client.channel()
+            await retry(send, self.client.retry_policy,
+                        f"reporting the failure of {label} to the collector",
+                        _worth_reporting_again)
         except BackhaulError as err:
-            log.error("could not report the failure to the collector: %s", err)
-            return
+            log.error("could not report the failure of %s to the collector: %s", label, err)
+        else:
+            log.info("reported the failure of %s to the collector", label)
+
+    async def _send_report(self, report: Report) -> None:
+        channel = await self.client.channel()
         try:
-            await channel.send(Report(
-                reason=_reason(exc), message=str(exc)[:1000], database=database,
-                source=source.name, at=datetime.now(UTC).isoformat(timespec="seconds"),
-            ))
+            await channel.send(report)
             await channel.expect(Ack, timeout=60)
-        except BackhaulError as err:
-            log.error("could not report the failure to the collector: %s", err)
         finally:
             channel.close()
 

@@ -8,18 +8,25 @@ worker thread) and opens the dump stream. Passwords are read from the source's
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import SourceConfig
 from common.config import read_secret_file
 from common.errors import ConfigError, DumpError
 
+if TYPE_CHECKING:
+    from agent.mysql_control import MySQLParams
+    from agent.mysql_dump import MySQLDump
+
 log = logging.getLogger(__name__)
 DUMP_CHUNK = 1024 * 1024
+CHECKSUMS_BUDGET = 20_000  # JSON bytes; END's metadata is capped at 32 KiB in all
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class MySQLAdapter:
 
         assert source.user is not None  # enforced by the config loader
         self.source = source
+        self._binlog_before: dict[str, dict[str, Any] | None] = {}
         self.params = MySQLParams(
             host=source.host,
             port=source.port,
@@ -86,27 +94,102 @@ class MySQLAdapter:
                 f"{len(facts.non_innodb_tables)} non-InnoDB table(s) are not covered by the "
                 f"consistent snapshot: {', '.join(facts.non_innodb_tables[:10])}",
             )
-        return Preflight(
-            size_estimate=facts.size_estimate,
-            metadata={
-                "server_version": facts.server_version,
-                "engine_flavor": facts.engine_flavor,
-                "tables": len(facts.tables),
-                "views": len(facts.views),
-                "non_innodb_tables": facts.non_innodb_tables,
-                "consistent_snapshot": not facts.non_innodb_tables,
-                "binlog": facts.binlog,
-            },
-            warnings=warnings,
-        )
+        metadata: dict[str, Any] = {
+            "server_version": facts.server_version,
+            "engine_flavor": facts.engine_flavor,
+            "tables": len(facts.tables),
+            "views": len(facts.views),
+            "non_innodb_tables": facts.non_innodb_tables,
+            "consistent_snapshot": not facts.non_innodb_tables,
+            "binlog": facts.binlog,
+        }
+        if self.source.record_checksums:
+            metadata.update(await self._checksums(database))
+        self._binlog_before[database] = facts.binlog
+        return Preflight(size_estimate=facts.size_estimate, metadata=metadata, warnings=warnings)
+
+    async def _checksums(self, database: str) -> dict[str, Any]:
+        """Row counts and CHECKSUM TABLE of every table, for restore drills to compare.
+
+        They are read just before the dump, outside its snapshot. ``binlog_unchanged`` in
+        the dump metadata says whether the server logged any write between the binlog
+        position read before them and the one read after the dump: only then are they
+        known to describe exactly what the dump holds.
+        """
+        from agent.mysql_control import table_checksums
+
+        values = await asyncio.to_thread(table_checksums, self.params, database)
+        tables = {name: [v["rows"], v["checksum"]] for name, v in values.items()}
+        if len(json.dumps(tables)) > CHECKSUMS_BUDGET:
+            return {"checksums": None,
+                    "checksums_skipped": f"{len(tables)} tables: too many to record"}
+        return {"checksums": {"taken": "before_dump", "fields": ["rows", "checksum"],
+                              "tables": tables}}
 
     def dump(self, database: str) -> AbstractAsyncContextManager[DumpStream]:
         from agent.mysql_dump import MySQLDump
 
-        return MySQLDump(self.params, database, chunk_size=DUMP_CHUNK)
+        return _BinlogWatch(MySQLDump(self.params, database, chunk_size=DUMP_CHUNK),
+                            self.params, self._binlog_before.pop(database, None))
 
     def dump_metadata(self, stream: DumpStream) -> dict[str, Any]:
-        return {"tool": getattr(stream, "tool", None)}
+        meta: dict[str, Any] = {"tool": getattr(stream, "tool", None)}
+        if isinstance(stream, _BinlogWatch) and stream.after_read:
+            meta["binlog_after"] = stream.after
+            meta["binlog_unchanged"] = (
+                None if stream.before is None or stream.after is None
+                else stream.before == stream.after
+            )
+        return meta
+
+
+class _BinlogWatch:
+    """A MySQL dump that reads the binlog position again once the dump has ended.
+
+    Read when the stream is exhausted, so the dump tool has finished successfully; equal
+    positions before and after mean the server logged no write meanwhile.
+    """
+
+    def __init__(self, dump: MySQLDump, params: MySQLParams,
+                 before: dict[str, Any] | None) -> None:
+        self._dump = dump
+        self._params = params
+        self.before = before
+        self.after: dict[str, Any] | None = None
+        self.after_read = False
+
+    @property
+    def tool(self) -> str | None:
+        return self._dump.tool
+
+    async def __aenter__(self) -> _BinlogWatch:
+        await self._dump.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self._dump.__aexit__(exc_type, exc, tb)
+
+    def __aiter__(self) -> _BinlogWatch:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._dump.__anext__()
+        except StopAsyncIteration:
+            if not self.after_read:
+                await self._read_after()
+            raise
+        return chunk
+
+    async def _read_after(self) -> None:
+        from agent.mysql_admin import binlog_position
+
+        try:
+            self.after = await asyncio.to_thread(binlog_position, self._params)
+        except DumpError as exc:  # the dump itself succeeded; only the comparison is lost
+            log.warning("binlog position after the dump not read: %s", exc)
+        self.after_read = True
 
 
 class MongoAdapter:

@@ -1,0 +1,303 @@
+"""`backhaul-agent restore`: bring one of this agent's backups back from the collector.
+
+The newest backup of the database (of one day with ``--date``) is fetched over the
+protocol and loaded into the source's server, into ``--into`` when given. A database
+that already holds tables, views, routines, events or collections is refused unless
+``--force``, which drops and recreates it once the backup has proven whole.
+
+The backup crosses the network twice and the database host's disk never. The first
+pass proves it whole before anything is touched: size and SHA-256 against the manifest
+recorded when it was stored and against END, the compressed stream decoded to its end,
+and the dump's own completeness (the SQL trailer, the archive's CRCs). The second pass
+streams it into the database, checked the same way again. A backup damaged on the
+collector is therefore refused with nothing loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, Protocol
+
+from agent.client import CollectorClient
+from agent.config import AgentConfig, SourceConfig
+from agent.remote import Fetched, fetch, list_backups
+from agent.restore_targets import Loader, MongoLoader, MySQLLoader
+from agent.sources import MongoAdapter, MySQLAdapter, adapter_for
+from common.compression import StreamChecker
+from common.errors import BackhaulError, ConfigError, ExitCode, IntegrityError
+from common.logsetup import escape_control
+from common.mongo_archive import ArchiveVerifier
+from common.naming import EXTENSIONS, parse_backup_name
+
+log = logging.getLogger(__name__)
+SQL_TRAILER = b"-- Dump completed"
+MAX_RATIO = 100_000  # the collector's default ceiling on expansion
+
+
+class NoBackupError(BackhaulError):
+    """The collector holds no backup that fits the request."""
+
+    exit_code = ExitCode.FAILED
+
+
+class MeterFactory(Protocol):
+    def __call__(self, label: str, total: int | None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """What to restore, from the command line."""
+
+    database: str
+    source: str | None = None
+    day: date | None = None
+    into: str | None = None
+    force: bool = False
+
+    @property
+    def target(self) -> str:
+        return self.into if self.into is not None else self.database
+
+
+@dataclass(frozen=True)
+class RestoreOutcome:
+    name: str
+    target: str
+    byte_count: int
+    sha256: str
+    uncompressed_bytes: int
+    manifest: dict[str, Any]
+
+    def line(self) -> str:
+        return (
+            f"restored {escape_control(self.name)} into {escape_control(self.target)} "
+            f"({self.byte_count} bytes, sha256 {self.sha256})"
+        )
+
+
+def pick_source(config: AgentConfig, name: str | None) -> SourceConfig:
+    """The source named, or the only one.
+
+    Raises:
+        ConfigError: unknown name, or several sources and no name.
+    """
+    if name is not None:
+        source = config.source(name)
+        if source is None:
+            raise ConfigError(f"no source named {name!r} in {config.source_file}")
+        return source
+    if len(config.sources) > 1:
+        raise ConfigError("--source is needed when several sources are configured")
+    return config.sources[0]
+
+
+def choose_backup(
+    summaries: list[dict[str, Any]], database: str, engine: str, day: date | None = None
+) -> dict[str, Any]:
+    """The newest verified backup of ``database`` made by ``engine`` (on ``day``).
+
+    ``summaries`` come from LIST, oldest first.
+
+    Raises:
+        NoBackupError: none fits; the message says what there is.
+    """
+    fitting = []
+    for summary in summaries:
+        parsed = parse_backup_name(str(summary.get("name", "")))
+        if (
+            parsed is None
+            or summary.get("database") != database
+            or summary.get("engine") != engine
+            or not summary.get("verified")
+        ):
+            continue
+        if day is None or parsed.day == day:
+            fitting.append(summary)
+    if fitting:
+        return fitting[-1]
+    label = escape_control(database)
+    if day is not None:
+        days = sorted(
+            {
+                p.day
+                for s in summaries
+                if (p := parse_backup_name(str(s.get("name", "")))) is not None
+            }
+        )
+        shown = ", ".join(f"{d:%Y%m%d}" for d in days[-5:]) or "none"
+        raise NoBackupError(
+            f"no {engine} backup of {label} from {day:%Y%m%d} on the "
+            f"collector (latest days: {shown})"
+        )
+    raise NoBackupError(f"no {engine} backup of {label} on the collector")
+
+
+def loader_for(source: SourceConfig, *, skip_binlog: bool = False) -> Loader:
+    """The loader for a source's engine.
+
+    Raises:
+        DumpError: the password file cannot be read.
+    """
+    adapter = adapter_for(source)
+    if isinstance(adapter, MySQLAdapter):
+        return MySQLLoader(adapter.params, skip_binlog=skip_binlog)
+    assert isinstance(adapter, MongoAdapter)
+    return MongoLoader(adapter.params)
+
+
+async def restore(
+    config: AgentConfig,
+    request: RestoreRequest,
+    client: CollectorClient,
+    meter: MeterFactory | None = None,
+) -> RestoreOutcome:
+    """Restore the newest fitting backup as the request says.
+
+    Raises:
+        ConfigError: bad source, or the target holds something and ``force`` is off.
+        NoBackupError: the collector has no fitting backup.
+        IntegrityError: the backup is damaged (nothing loaded when found in the first pass).
+        DumpError: the database server or its client failed.
+        TransportError, RejectedError, RemoteProtocolError: talking to the collector failed.
+    """
+    source = pick_source(config, request.source)
+    loader = loader_for(source)
+    target = request.target
+    loader.check_name(target)
+    summary = choose_backup(
+        await list_backups(client, request.database), request.database, source.engine, request.day
+    )
+    state = await loader.state(target)
+    occupied = state.exists and state.objects > 0
+    if occupied and not request.force:
+        raise ConfigError(
+            f"database {escape_control(target)!r} on source {source.name} already holds "
+            f"{state.objects} object(s); restore elsewhere with --into, or replace it "
+            "with --force"
+        )
+    return await restore_backup(client, summary, loader, target, replace=occupied, meter=meter)
+
+
+async def restore_backup(
+    client: CollectorClient,
+    summary: dict[str, Any],
+    loader: Loader,
+    target: str,
+    *,
+    replace: bool,
+    meter: MeterFactory | None = None,
+) -> RestoreOutcome:
+    """Verify the backup ``summary`` names end to end, then load it into ``target``.
+
+    ``replace`` drops and recreates an existing ``target`` after verification.
+
+    Raises:
+        As :func:`restore`.
+    """
+    name, database = str(summary["name"]), str(summary["database"])
+    fmt, compression = _kind(name)
+    first = _Check(fmt, compression)
+    verified = await fetch(
+        client, database, name, first.feed, progress=_advance(meter, f"verifying {name}", summary)
+    )
+    first.finish()
+    _check_manifest(verified, summary, fmt, compression)
+    log.info("%s verified: %d bytes, sha256 %s", name, verified.byte_count, verified.sha256)
+    await loader.prepare(target, replace=replace)
+    second = _Check(fmt, compression)
+    async with loader.load(target) as sink:
+
+        async def take(chunk: bytes) -> None:
+            for piece in await second.feed_collect(chunk):
+                await sink.write(piece)
+
+        try:
+            loaded = await fetch(
+                client, database, name, take, progress=_advance(meter, f"loading {name}", summary)
+            )
+            second.finish()
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc} (while loading: {target!r} may hold part of it)") from None
+        await sink.finish()
+    if loaded.sha256 != verified.sha256:
+        raise IntegrityError(f"{name} changed on the collector between verifying and loading")
+    log.info("%s loaded into %r", name, target)
+    return RestoreOutcome(
+        name, target, loaded.byte_count, loaded.sha256, second.output_bytes, loaded.manifest
+    )
+
+
+def _advance(
+    meter: MeterFactory | None, label: str, summary: dict[str, Any]
+) -> Callable[[int], None] | None:
+    if meter is None:
+        return None
+    size = summary.get("size")
+    progress = meter(label, size if isinstance(size, int) else None)
+    advance: Callable[[int], None] = progress.advance
+    return advance
+
+
+def _kind(name: str) -> tuple[str, str]:
+    parsed = parse_backup_name(name)
+    kinds = {ext: kind for kind, ext in EXTENSIONS.items()}
+    if parsed is None or parsed.ext not in kinds:
+        raise IntegrityError(f"{name!r} is not the name of a backup")
+    return kinds[parsed.ext]
+
+
+def _check_manifest(fetched: Fetched, summary: dict[str, Any], fmt: str, compression: str) -> None:
+    manifest = fetched.manifest
+    if summary.get("sha256") not in (None, fetched.sha256):
+        raise IntegrityError(f"{fetched.name}: its manifest changed since it was listed")
+    if (
+        manifest.get("format", fmt) != fmt
+        or manifest.get("compression", compression) != compression
+    ):
+        raise IntegrityError(f"{fetched.name}: its manifest does not match its name")
+
+
+class _Check:
+    """Decompresses a fetched stream and checks the dump inside is complete."""
+
+    def __init__(self, fmt: str, compression: str) -> None:
+        self._fmt = fmt
+        self._pending: list[bytes] = []
+        self._archive = ArchiveVerifier() if fmt == "archive" else None
+        self._checker = StreamChecker(compression, sink=self._take, max_ratio=MAX_RATIO)
+
+    @property
+    def output_bytes(self) -> int:
+        return self._checker.output_bytes
+
+    def _take(self, data: bytes) -> None:
+        self._pending.append(data)
+
+    def _feed(self, chunk: bytes) -> list[bytes]:
+        self._checker.feed(chunk)
+        out, self._pending = self._pending, []
+        if self._archive is not None:
+            for piece in out:
+                self._archive.feed(piece)
+        return out
+
+    async def feed(self, chunk: bytes) -> None:
+        await asyncio.to_thread(self._feed, chunk)
+
+    async def feed_collect(self, chunk: bytes) -> list[bytes]:
+        return await asyncio.to_thread(self._feed, chunk)
+
+    def finish(self) -> None:
+        self._checker.finish()
+        if self._checker.output_bytes == 0:
+            raise IntegrityError("the backup is empty once decompressed")
+        if self._archive is not None:
+            self._archive.finish()
+            return
+        last_lines = self._checker.tail.rstrip(b"\n").rsplit(b"\n", 3)[-3:]
+        if not any(line.startswith(SQL_TRAILER) for line in last_lines):
+            raise IntegrityError("the SQL dump has no completion trailer: it is incomplete")

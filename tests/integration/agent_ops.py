@@ -1,0 +1,163 @@
+"""Helpers for the service, restore and drill tests: the agent's commands as real processes,
+waiting on conditions instead of sleeping, a bandwidth-limiting proxy, and the store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness import AgentRun
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def agent_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+async def run_cli(*args: str, timeout: float = 300) -> AgentRun:
+    """Run `backhaul-agent <args>` as a real process and wait for it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=agent_env(),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return AgentRun(proc.returncode, out.decode(), err.decode())
+
+
+async def start_service(config: Path, output: Path, *args: str) -> asyncio.subprocess.Process:
+    """Start `backhaul-agent run` in the background, its stdout and stderr going to
+    ``output`` (a pipe nobody reads could fill and stall it); see :func:`stop_service`."""
+    with output.open("ab") as sink:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--config",
+            str(config),
+            *args,
+            stdout=sink,
+            stderr=sink,
+            env=agent_env(),
+        )
+
+
+async def stop_service(proc: asyncio.subprocess.Process, timeout: float = 60) -> int:
+    """SIGTERM, then the exit status; SIGKILL and fail if it does not stop in time."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+
+
+async def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def password_file(folder: Path, password: str) -> Path:
+    path = folder / "mysql.pass"
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def backups(store: Path, agent: str, database: str) -> list[Path]:
+    """Published backups of one database (data files with a manifest), by name."""
+    folder = store / agent / database
+    return sorted(
+        p
+        for p in folder.glob("*")
+        if not p.name.startswith(".tmp-")
+        and not p.name.endswith(".manifest.json")
+        and Path(f"{p}.manifest.json").exists()
+    )
+
+
+def manifest_of(backup: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(Path(f"{backup}.manifest.json").read_text())
+    return data
+
+
+def write_manifest(backup: Path, manifest: dict[str, Any]) -> None:
+    path = Path(f"{backup}.manifest.json")
+    path.chmod(0o640)
+    path.write_text(json.dumps(manifest))
+
+
+class ThrottlingProxy:
+    """A loopback TCP proxy passing at most ``rate`` bytes a second upstream."""
+
+    def __init__(self, target_port: int, rate: int) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ThrottlingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        step = max(1024, self.rate // 20)
+
+        async def upstream() -> None:
+            while data := await reader.read(step):
+                up_writer.write(data)
+                await up_writer.drain()
+                await asyncio.sleep(len(data) / self.rate)
+            up_writer.write_eof()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+        try:
+            await asyncio.gather(upstream(), downstream())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            for w in (writer, up_writer):
+                w.transport.abort()

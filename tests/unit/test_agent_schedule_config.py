@@ -1,0 +1,115 @@
+"""agent.toml's scheduling keys (schedule, random_delay, max_concurrent, record_checksums)
+and the service's first plan from them."""
+
+from __future__ import annotations
+
+import random
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_agent_config
+from agent.service import AgentService
+from common.errors import ConfigError
+
+BASE = """
+[agent]
+name = "db1"
+{agent}
+
+[collector]
+address = "127.0.0.1:2222"
+host_key = "collector.pub"
+client_key = "agent_key"
+
+[[sources]]
+name = "main"
+engine = "mysql"
+user = "backup"
+databases = ["hospital"]
+{source}
+"""
+
+
+def write(tmp_path: Path, *, agent: str = "", source: str = "") -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(textwrap.dedent(BASE).format(agent=agent, source=source))
+    return path
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = load_agent_config(write(tmp_path))
+    assert config.max_concurrent == 1
+    (source,) = config.sources
+    assert source.schedule is None
+    assert source.random_delay == 0.0
+    assert source.record_checksums is True
+
+
+def test_keys_are_read(tmp_path: Path) -> None:
+    config = load_agent_config(
+        write(
+            tmp_path,
+            agent="max_concurrent = 3",
+            source='schedule = "15 2 * * *"\nrandom_delay = 900\nrecord_checksums = false',
+        )
+    )
+    assert config.max_concurrent == 3
+    (source,) = config.sources
+    assert source.schedule == "15 2 * * *"
+    assert source.random_delay == 900.0
+    assert source.record_checksums is False
+
+
+@pytest.mark.parametrize(
+    ("agent", "source", "complaint"),
+    [
+        ("", 'schedule = "daily 25:00"', r"sources\[0\]\.schedule: .*not a time of day"),
+        ("", 'schedule = "every 2 weeks"', r"sources\[0\]\.schedule"),
+        ("", "schedule = 5", r"sources\[0\]\.schedule must be a string"),
+        ("", "random_delay = 60", r"sources\[0\]\.random_delay needs a schedule"),
+        ("", 'schedule = "every 6h"\nrandom_delay = -1', r"random_delay must be at least"),
+        ("max_concurrent = 0", "", r"agent\.max_concurrent must be between 1 and 64"),
+        ("", 'record_checksums = "yes"', r"record_checksums must be true or false"),
+    ],
+)
+def test_bad_values_stop_start_up_naming_the_key(
+    tmp_path: Path, agent: str, source: str, complaint: str
+) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        load_agent_config(write(tmp_path, agent=agent, source=source))
+
+
+def test_record_checksums_is_a_mysql_key(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    text = textwrap.dedent(BASE).format(agent="", source="")
+    text = text.replace(
+        'engine = "mysql"\nuser = "backup"', 'engine = "mongodb"\nuri = "mongodb://127.0.0.1"'
+    )
+    path.write_text(text + "record_checksums = true\n")
+    with pytest.raises(ConfigError, match="record_checksums: unknown key"):
+        load_agent_config(path)
+
+
+async def test_service_plans_each_scheduled_source_with_its_random_delay(tmp_path: Path) -> None:
+    """The first run is the schedule's next time, held back by at most random_delay."""
+    config = load_agent_config(
+        write(tmp_path, source='schedule = "daily 02:30"\nrandom_delay = 600')
+    )
+    now = datetime(2026, 11, 26, 1, 0, tzinfo=UTC).timestamp()
+    starts = []
+    for seed in range(20):
+        service = AgentService(config, zone=UTC, clock=lambda: now, rng=random.Random(seed))
+        ((name, fire, start),) = service.upcoming()
+        assert name == "main"
+        assert fire == datetime(2026, 11, 26, 2, 30, tzinfo=UTC)
+        assert fire.timestamp() <= start <= fire.timestamp() + 600
+        starts.append(start)
+    assert len(set(starts)) > 1
+
+
+def test_service_needs_a_scheduled_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no source has a schedule"):
+        AgentService(load_agent_config(write(tmp_path)))
