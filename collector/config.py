@@ -42,6 +42,9 @@ class ServerConfig:
     max_connections_per_agent: int = 8
     max_channels_per_connection: int = 16
     clock_skew: float = 600.0
+    handshake_timeout: float = 30.0  # channel open to HELLO + request
+    min_upload_rate: int = 1024  # bytes/s over min_upload_rate_window; 0 = off
+    min_upload_rate_window: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,9 @@ def _server(table: Table) -> ServerConfig:
         max_connections_per_agent=table.integer("max_connections_per_agent", 8, low=1),
         max_channels_per_connection=table.integer("max_channels_per_connection", 16, low=1),
         clock_skew=table.number("clock_skew", 600.0, low=0),
+        handshake_timeout=table.number("handshake_timeout", 30.0, low=1),
+        min_upload_rate=table.integer("min_upload_rate", 1024, low=0),
+        min_upload_rate_window=table.number("min_upload_rate_window", 60.0, low=0.1),
     )
     table.done()
     _check_private_key(config.host_key, table.where("host_key"))

@@ -2,7 +2,10 @@
 
 Policy lives in `CollectorSSHServer`, an `asyncssh.SSHServer` whose hooks deny by
 default: public-key authentication only, the SSH user name must be the agent's name,
-no port or agent or X11 forwarding, no shell, exec, SFTP or PTY (see `session.py`).
+no port or agent or X11 forwarding, no environment variables, no shell, exec, SFTP or
+PTY (see `session.py`). Caps bound what one peer can hold: connections overall and per
+agent, channels per connection, and time (an authenticated connection without a channel
+is closed after the idle timeout, one over its agent's cap after the handshake timeout).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +29,8 @@ from common.identity import AgentAuthenticator
 from common.logsetup import escape_control
 
 log = logging.getLogger(__name__)
+# What session_requested returns: the channel and its session, or False to refuse.
+_NewSession = tuple[asyncssh.SSHServerChannel[bytes], BackhaulSession] | bool
 
 
 def make_authenticator(config: CollectorConfig) -> AgentAuthenticator:
@@ -46,6 +52,7 @@ class ConnectionCaps:
 
     max_total: int
     max_per_agent: int
+    max_channels: int = 16  # per connection; twice as many are refused outright
     total: int = 0
     per_agent: Counter[str] = field(default_factory=Counter)
 
@@ -64,6 +71,9 @@ class CollectorSSHServer(asyncssh.SSHServer):
         self._agent: str | None = None
         self._counted = False
         self._over_cap = False
+        self._channels = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -78,6 +88,10 @@ class CollectorSSHServer(asyncssh.SSHServer):
             conn.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._counted:
             self._caps.total -= 1
             self._counted = False
@@ -110,18 +124,110 @@ class CollectorSSHServer(asyncssh.SSHServer):
         self._caps.per_agent[agent] += 1
         if self._caps.per_agent[agent] > self._caps.max_per_agent:
             self._over_cap = True
-            log.warning("agent %s has %d connections open (cap %d): answering busy", agent,
-                        self._caps.per_agent[agent], self._caps.max_per_agent)
+            log.warning("agent %s (%s) has %d connections open (cap %d): answering busy",
+                        agent, self._peer, self._caps.per_agent[agent], self._caps.max_per_agent)
+            # Long enough to hear "busy" on a channel, too short to hoard connection slots.
+            self._close_after(self._ctx.handshake_timeout, "over its connection cap")
+        else:
+            self._close_after(self._ctx.idle_timeout, "no channel open")
         log.info("agent %s authenticated from %s", agent, self._peer)
 
-    def session_requested(self) -> BackhaulSession | bool:
+    def session_requested(self) -> _NewSession:
         assert self._agent is not None and self._conn is not None
         try:
             self._auth.agent_for(self._agent, self._conn)
         except TransportError as exc:  # revoked or expired since login
             log.warning("refused a channel to agent %s (%s): %s", self._agent, self._peer, exc)
             return False
-        return BackhaulSession(self._ctx, self._agent, self._peer, busy=self._over_cap)
+        cap = self._caps.max_channels
+        if self._channels >= 2 * cap:
+            log.warning("refused a channel to agent %s (%s): %d channels open (cap %d)",
+                        self._agent, self._peer, self._channels, cap)
+            return False
+        busy = "too many connections from this agent" if self._over_cap else None
+        if busy is None and self._channels >= cap:
+            busy = "too many channels on this connection"
+            log.warning("agent %s (%s) has %d channels open on one connection (cap %d): "
+                        "answering busy", self._agent, self._peer, self._channels + 1, cap)
+        chan = self._conn.create_server_channel()
+        self._refuse_channel_requests(chan)
+        self._channels += 1
+        if not self._over_cap and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return chan, BackhaulSession(self._ctx, self._agent, self._peer, busy=busy,
+                                     on_close=self._channel_closed)
+
+    def _channel_closed(self) -> None:
+        self._channels -= 1
+        if self._channels == 0 and not self._over_cap and not self._lost:
+            self._close_after(self._ctx.idle_timeout, "no channel open")
+
+    def _close_after(self, delay: float, why: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._expire, delay, why)
+
+    def _expire(self, delay: float, why: str) -> None:
+        self._timer = None
+        log.warning("closing the connection of agent %s (%s): %s for %.0f s", self._agent,
+                    self._peer, why, delay)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _refuse_channel_requests(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        """Refuse environment variables, PTYs, X11 and agent forwarding on ``chan``, logged.
+
+        asyncssh refuses the last three itself (see `CollectorServer._options`), silently,
+        and accepts every environment variable; it has no session hook for either. It
+        looks a request's handler up on the channel by name, so handlers set here take
+        over. The collector never reads the environment either way.
+        """
+        refused: Counter[str] = Counter()
+
+        def refuser(what: str, named: bool) -> Callable[[Any], bool]:
+            def refuse(packet: Any) -> bool:
+                detail = ""
+                if named:  # the variable's name helps the administrator; its value not
+                    detail = " " + escape_control(
+                        bytes(packet.get_string())[:64].decode("utf-8", "replace"))
+                refused[what] += 1
+                log.log(logging.WARNING if refused[what] == 1 else logging.DEBUG,
+                        "refused %s request%s from agent %s (%s)", what, detail, self._agent,
+                        self._peer)
+                return False
+            return refuse
+
+        for request, what, named in (("env", "env", True), ("pty_req", "PTY", False),
+                                     ("x11_req", "X11 forwarding", False),
+                                     ("auth_agent_req_at_openssh_dot_com", "agent forwarding",
+                                      False)):
+            setattr(chan, f"_process_{request}_request", refuser(what, named))
+
+    # Forwarding of any kind is refused (asyncssh's default too); these hooks log it.
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> bool:
+        return self._refused("port forwarding to", f"{dest_host[:64]}:{dest_port}")
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return self._refused("remote port forwarding from", f"{listen_host[:64]}:{listen_port}")
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        return self._refused("socket forwarding to", dest_path[:128])
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        return self._refused("remote socket forwarding from", listen_path[:128])
+
+    def tun_requested(self, unit: int | None) -> bool:
+        return self._refused("tunnel device", str(unit))
+
+    def tap_requested(self, unit: int | None) -> bool:
+        return self._refused("tap device", str(unit))
+
+    def _refused(self, what: str, target: str) -> bool:
+        log.warning("refused %s %s by agent %s (%s)", what, escape_control(target), self._agent,
+                    self._peer)
+        return False
 
 
 def make_context(config: CollectorConfig, outcomes: FanOut) -> SessionContext:
@@ -131,6 +237,10 @@ def make_context(config: CollectorConfig, outcomes: FanOut) -> SessionContext:
         timezone=config.storage.timezone,
         outcomes=outcomes,
         idle_timeout=config.server.idle_timeout,
+        # Newer keys: read with defaults so an older ServerConfig still works.
+        handshake_timeout=config.server.handshake_timeout,
+        min_upload_rate=config.server.min_upload_rate,
+        min_upload_rate_window=config.server.min_upload_rate_window,
         clock_skew=config.server.clock_skew,
         max_backup_bytes=config.storage.max_backup_bytes,
         max_expansion=config.storage.max_expansion,
@@ -148,7 +258,8 @@ class CollectorServer:
         self.auth = make_authenticator(config)
         self.agents = frozenset(a.name for a in config.agents)
         self.caps = ConnectionCaps(config.server.max_connections,
-                                   config.server.max_connections_per_agent)
+                                   config.server.max_connections_per_agent,
+                                   config.server.max_channels_per_connection)
         self._server: asyncssh.SSHAcceptor | None = None
 
     @property

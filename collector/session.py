@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -44,11 +45,12 @@ from common.events import (
     Reject,
     Report,
     Stored,
+    encode_payload,
 )
-from common.frames import MAX_CONTROL_PAYLOAD
+from common.frames import MAX_CONTROL_PAYLOAD, encode_frame
 from common.logsetup import escape_control
 from common.naming import check_database_name, extension_for
-from common.protocol import SUBSYSTEM, Closed, Connection, Role
+from common.protocol import SUBSYSTEM, Closed, Connection, Role, State
 
 log = logging.getLogger(__name__)
 HIGH_WATER = 4 * 1024 * 1024  # queued bytes before we stop reading the channel
@@ -65,6 +67,9 @@ class SessionContext:
     timezone: tzinfo
     outcomes: FanOut
     idle_timeout: float = 300.0
+    handshake_timeout: float = 30.0  # channel open -> HELLO -> request, in all
+    min_upload_rate: int = 1024  # bytes/s each window of an upload must average; 0: off
+    min_upload_rate_window: float = 60.0
     clock_skew: float = 600.0
     max_backup_bytes: int | None = None
     max_expansion: int = 100_000
@@ -86,6 +91,7 @@ class _Inbox:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._queued = 0
         self._paused = False
+        self.held_back = False  # paused at some time since the rate floor last looked
 
     def put(self, data: bytes | None) -> None:
         self._queue.put_nowait(data)
@@ -93,6 +99,7 @@ class _Inbox:
             self._queued += len(data)
             if self._queued > HIGH_WATER and not self._paused:
                 self._paused = True
+                self.held_back = True
                 self._chan.pause_reading()
 
     async def get(self) -> bytes | None:
@@ -104,13 +111,54 @@ class _Inbox:
                 self._chan.resume_reading()
         return data
 
+    @property
+    def paused(self) -> bool:
+        """True while we hold the agent back because our own queue is full."""
+        return self._paused
+
+
+class _RateFloor:
+    """Cuts off an upload that trickles: every window must average ``rate`` bytes/s.
+
+    A window in which the collector itself held the agent back (reading paused) at
+    any time is not held against the agent.
+    """
+
+    def __init__(self, rate: int, window: float, now: float, received: int) -> None:
+        self.rate = rate
+        self.window = window
+        self.next_check = now + window
+        self._since = now
+        self._mark = received
+
+    def check(self, received: int, now: float, held_back: bool) -> bool:
+        """Judge the window if it is over; True when a new one starts.
+
+        Raises:
+            RemoteProtocolError: too slow (reject code ``protocol``).
+        """
+        if now < self.next_check:
+            return False
+        got, elapsed = received - self._mark, now - self._since
+        if not held_back and got < self.rate * elapsed:
+            raise RemoteProtocolError(
+                f"upload too slow: {got} bytes in {elapsed:.0f} s "
+                f"(at least {self.rate} bytes/s required)"
+            )
+        self._since, self._mark, self.next_check = now, received, now + self.window
+        return True
+
 
 class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     """Deny-by-default session: only the `backhaul` subsystem is accepted."""
 
-    def __init__(self, ctx: SessionContext, agent: str, peer: str, busy: bool = False) -> None:
+    def __init__(self, ctx: SessionContext, agent: str, peer: str, busy: str | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        # busy: when set, why every request on this channel is answered REJECT busy.
+        # on_close: called once when the channel is gone (the server counts channels).
         self._ctx = ctx
         self._busy = busy
+        self._on_close = on_close
         self.agent = agent
         self.peer = peer
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
@@ -118,11 +166,25 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._conn = Connection(Role.COLLECTOR)
+        self._received = 0  # bytes that arrived on the channel, counted on arrival
+        self._deadline = 0.0  # loop time by which the request must be complete
+        self._start_timer: asyncio.TimerHandle | None = None
+        self._floor: _RateFloor | None = None
 
     # --- asyncssh callbacks -------------------------------------------------------
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
         self._inbox = _Inbox(chan)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self._ctx.handshake_timeout
+        # A channel that never asks for the subsystem would otherwise stay open forever.
+        self._start_timer = loop.call_at(self._deadline, self._not_started)
+
+    def _not_started(self) -> None:
+        log.warning("closing a channel of agent %s (%s): no subsystem requested in %.0f s",
+                    self.agent, self.peer, self._ctx.handshake_timeout)
+        if self._chan is not None:
+            self._chan.close()
 
     def pty_requested(self, *args: object) -> bool:
         log.warning("refused PTY request from agent %s (%s)", self.agent, self.peer)
@@ -145,12 +207,15 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         return False
 
     def session_started(self) -> None:
+        if self._start_timer is not None:
+            self._start_timer.cancel()
         task = asyncio.get_running_loop().create_task(self._run())
         self._ctx.tasks.add(task)
         task.add_done_callback(self._ctx.tasks.discard)
 
     def data_received(self, data: bytes, datatype: object) -> None:
         assert self._inbox is not None
+        self._received += len(data)
         self._inbox.put(bytes(data))
 
     def eof_received(self) -> bool:
@@ -159,9 +224,14 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         return True  # keep our half open: a verdict may still have to be sent
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._start_timer is not None:
+            self._start_timer.cancel()
         if self._inbox is not None:
             self._inbox.put(None)
         self._can_write.set()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -171,32 +241,61 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     # --- protocol ---------------------------------------------------------------
     async def _next_event(self) -> Event:
-        assert self._inbox is not None
         while True:
             event = self._conn.next_event()
             if event is not None:
                 return event
+            self._conn.receive_data(await self._receive())
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the agent, within the idle timeout and the rate floor."""
+        assert self._inbox is not None
+        loop = asyncio.get_running_loop()
+        idle_at = loop.time() + self._ctx.idle_timeout
+        while True:
+            wake = idle_at
+            if self._floor is not None:
+                if self._floor.check(self._received, loop.time(), self._inbox.held_back):
+                    self._inbox.held_back = self._inbox.paused
+                wake = min(wake, self._floor.next_check)
             try:
-                async with asyncio.timeout(self._ctx.idle_timeout):
+                async with asyncio.timeout_at(wake):
                     data = await self._inbox.get()
             except TimeoutError:
-                raise ChannelClosed(f"idle for {self._ctx.idle_timeout:.0f} s") from None
+                if wake >= idle_at:
+                    raise ChannelClosed(f"idle for {self._ctx.idle_timeout:.0f} s") from None
+                continue
             if data is None:
                 raise ChannelClosed("connection lost")
-            self._conn.receive_data(data)
+            return data
+
+    def start_rate_floor(self) -> None:
+        """From now on, hold the upload to the configured minimum rate."""
+        if self._ctx.min_upload_rate > 0:
+            self._floor = _RateFloor(self._ctx.min_upload_rate, self._ctx.min_upload_rate_window,
+                                     asyncio.get_running_loop().time(), self._received)
 
     async def _send(self, event: Event) -> None:
+        await self._write(self._conn.send(event))
+
+    async def _write(self, data: bytes) -> None:
         assert self._chan is not None
-        await self._can_write.wait()
-        self._chan.write(self._conn.send(event))
+        try:
+            # An agent that stops reading must not hold this task (and an open file) forever.
+            async with asyncio.timeout(self._ctx.idle_timeout):
+                await self._can_write.wait()
+        except TimeoutError:
+            raise ChannelClosed(
+                f"agent read nothing for {self._ctx.idle_timeout:.0f} s"
+            ) from None
+        try:
+            self._chan.write(data)
+        except ConnectionError:
+            raise ChannelClosed("channel closed") from None
 
     async def _run(self) -> None:
         try:
-            await self._handshake()
-            if self._busy:
-                await self._reject(RejectCode.BUSY, "too many connections from this agent")
-                return
-            request = await self._next_event()
+            request = await self._open()
             if isinstance(request, Begin):
                 await _Upload(self, request).run()
             elif isinstance(request, Report):
@@ -206,12 +305,15 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             elif isinstance(request, Fetch):
                 await self._fetch(request)
         except RemoteProtocolError as exc:
-            log.warning("protocol error from agent %s (%s): %s", self.agent, self.peer, exc)
+            log.warning("protocol error from agent %s (%s): %s", self.agent, self.peer,
+                        escape_control(str(exc)))
             await self._reject(exc.reject_code, str(exc))
         except ChannelClosed as exc:
-            log.info("channel from agent %s (%s) ended: %s", self.agent, self.peer, exc)
+            log.info("channel from agent %s (%s) ended: %s", self.agent, self.peer,
+                     escape_control(str(exc)))
         except BackhaulError as exc:
-            log.error("request from agent %s (%s) failed: %s", self.agent, self.peer, exc)
+            log.error("request from agent %s (%s) failed: %s", self.agent, self.peer,
+                      escape_control(str(exc)))
             await self._reject(exc.reject_code, str(exc))
         except Exception:  # a collector bug: log it in full, tell the agent little
             log.exception("internal error serving agent %s (%s)", self.agent, self.peer)
@@ -220,9 +322,33 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if self._chan is not None:
                 self._chan.close()
 
-    async def _reject(self, code: RejectCode, reason: str) -> None:
+    async def _open(self) -> Event | None:
+        """HELLOs, then the request, all before the channel's deadline; None if busy.
+
+        Raises:
+            RemoteProtocolError: the deadline passed (a slow or silent agent).
+        """
         try:
-            await self._send(Reject(code.value, reason[:1000]))
+            async with asyncio.timeout_at(self._deadline):
+                await self._handshake()
+                if self._busy is not None:
+                    await self._reject(RejectCode.BUSY, self._busy)
+                    return None
+                return await self._next_event()
+        except TimeoutError:
+            raise RemoteProtocolError(
+                f"no complete HELLO and request within {self._ctx.handshake_timeout:.0f} s"
+            ) from None
+
+    async def _reject(self, code: RejectCode, reason: str) -> None:
+        event = Reject(code.value, escape_control(reason)[:1000])
+        try:
+            if self._conn.state is State.START:
+                # The first frame was already wrong. A conforming agent has sent its
+                # HELLO by now and accepts a REJECT; say why rather than just hang up.
+                await self._write(encode_frame(event.frame_type, encode_payload(event)))
+            else:
+                await self._send(event)
         except Exception:  # the channel may be gone or the state final; nothing to tell
             log.debug("could not send REJECT to %s", self.agent)
 
@@ -237,7 +363,7 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     async def _report(self, report: Report) -> None:
         database = report.database
-        if database is not None and not self._database_allowed(database):
+        if database is not None and not (_storable(database) and self._database_allowed(database)):
             database = None
         message = escape_control(report.message)
         if report.kind != "failure":
@@ -268,6 +394,8 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         await self._send(Ack())
 
     async def _list(self, request: ListRequest) -> None:
+        if request.database is not None:
+            check_database_name(request.database)
         backups = await asyncio.to_thread(self._ctx.store.backups, self.agent, request.database)
         summaries: list[dict[str, Any]] = []
         budget = MAX_CONTROL_PAYLOAD - 1024
@@ -280,6 +408,7 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         await self._send(Listing(tuple(reversed(summaries))))
 
     async def _fetch(self, request: Fetch) -> None:
+        check_database_name(request.database)
         folder = self._ctx.store.database_folder(self.agent, request.database)
         match = [b for b in await asyncio.to_thread(self._ctx.store.backups, self.agent,
                                                     request.database)
@@ -301,6 +430,14 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def _database_allowed(self, database: str) -> bool:
         allowed = self._ctx.allowed.get(self.agent)
         return allowed is None or database in allowed
+
+
+def _storable(database: str) -> bool:
+    try:
+        check_database_name(database)
+    except RemoteProtocolError:
+        return False
+    return True
 
 
 def _summary(backup: StoredBackup) -> dict[str, Any]:
@@ -363,6 +500,8 @@ class _Upload:
             await self._fail(exc)
             raise
         except Exception as exc:
+            if self.upload is not None:  # gone before the agent hears why
+                await asyncio.to_thread(self.upload.discard)
             await self._fail(exc)
             if isinstance(exc, BackhaulError):
                 if not isinstance(exc, ChannelClosed | _Aborted):
@@ -394,7 +533,8 @@ class _Upload:
             reason, message = exc.reject_code.value, str(exc)
         else:
             reason, message = RejectCode.INTERNAL.value, "internal error"
-        log.error("backup %s failed (%s): %s", self._label(), reason, escape_control(message))
+        log.error("backup %s from %s failed (%s): %s", self._label(), self.session.peer, reason,
+                  escape_control(message))
         self.ctx.outcomes.finished(Outcome(
             agent=self.session.agent, database=self.begin.database, backup_id=self.backup_id,
             result="failure", reason=reason, message=escape_control(message),
@@ -412,7 +552,9 @@ class _Upload:
             )
         fmt = ENGINES.get(begin.engine)
         if fmt is None or fmt != begin.format:
-            raise RemoteProtocolError(f"unsupported engine/format {begin.engine}/{begin.format}")
+            raise RemoteProtocolError(
+                f"unsupported engine/format {begin.engine!r}/{begin.format!r}"
+            )
         ext = extension_for(begin.format, begin.compression)
         started = parse_started_at(begin.started_at, self.ctx.clock(), self.ctx.clock_skew)
         return fmt, ext, started
@@ -429,7 +571,9 @@ class _Upload:
             self.ctx.store.begin, self.session.agent, self.begin.database, ext
         )
         self.verifier = IngestVerifier(fmt, self.begin.compression, self.ctx.max_expansion)
-        log.info("receiving %s (%s, started %s)", self._label(), ext, self.begin.started_at)
+        log.info("receiving %s from %s (%s, started %s)", self._label(), self.session.peer, ext,
+                 escape_control(self.begin.started_at))
+        self.session.start_rate_floor()
         while True:
             event = await self.session._next_event()
             if isinstance(event, Data):

@@ -1,16 +1,17 @@
 """Streaming compression (agent) and streaming decompression checks (collector, restore).
 
 zstd (default, level 3) and gzip. The checker decompresses as bytes arrive, with
-bounded memory even against a decompression bomb: input is fed in small slices, so
-one call can expand to at most a few tens of MiB, and a cap on the total expanded size
-stops a bomb early. It keeps only the tail of the output, for the dump-trailer check.
+bounded memory even against a decompression bomb: decoded bytes are handed over
+128 KiB at a time however much the input expands, and caps on the expanded size and
+on the expansion ratio stop a bomb early. It keeps only the tail of the output, for
+the dump-trailer check. Where a zstd stream ends is read from its frame structure.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import IO, Protocol, cast
 
 import zstandard
 
@@ -18,7 +19,8 @@ from common.errors import IntegrityError
 
 KINDS = ("zstd", "gzip")
 DEFAULT_LEVELS = {"zstd": 3, "gzip": 6}
-_SLICE = 1024  # compressed bytes per decompress call: bounds one call's output
+_WRITE_SIZE = 128 * 1024  # decompressed bytes handed over at a time: bounds memory
+_FEED_SLICE = 16 * 1024  # compressed bytes per step: bounds the work before a ratio check
 TAIL_BYTES = 4096
 RATIO_GRACE = 64 * 1024 * 1024  # the expansion ratio is judged only past this output
 
@@ -65,20 +67,153 @@ def make_compressor(kind: str, level: int | None = None, threads: int = 0) -> Co
 
 
 class _Decoder(Protocol):
-    def decompress(self, data: bytes) -> bytes: ...
+    def feed(self, data: bytes) -> None: ...
     @property
     def eof(self) -> bool: ...
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class ZstdFrameTracker:
+    """Follows the zstd frame structure (RFC 8878) without decoding, to know where a
+    stream ends: after the last block of a frame and its checksum. Skippable frames
+    and trailing bytes are refused: our agents never write them.
+    """
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._need = 4
+        self._state = "magic"
+        self._skip = 0
+        self._checksum = False
+        self.frames = 0
+
     @property
-    def unused_data(self) -> bytes: ...
+    def eof(self) -> bool:
+        return self.frames > 0 and self._state == "magic" and not self._pending
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.eof:
+                raise IntegrityError("zstd stream has bytes after its end")
+            if self._skip:
+                step = min(self._skip, len(view))
+                self._skip -= step
+                view = view[step:]
+                if not self._skip:
+                    self._next_block_or_end()
+                continue
+            take = min(self._need - len(self._pending), len(view))
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) == self._need:
+                field, self._pending = bytes(self._pending), bytearray()
+                self._advance(field)
+
+    def _advance(self, field: bytes) -> None:
+        if self._state == "magic":
+            if self.frames:
+                raise IntegrityError("zstd stream has bytes after its end")
+            if field != ZSTD_MAGIC:
+                raise IntegrityError("zstd stream is corrupt: not a zstd frame")
+            self._state, self._need = "descriptor", 1
+        elif self._state == "descriptor":
+            descriptor = field[0]
+            if descriptor & 0x08:
+                raise IntegrityError("zstd frame header has its reserved bit set")
+            single_segment = bool(descriptor & 0x20)
+            fcs_size = (0, 2, 4, 8)[descriptor >> 6] or (1 if single_segment else 0)
+            dict_size = (0, 1, 2, 4)[descriptor & 0x03]
+            self._checksum = bool(descriptor & 0x04)
+            rest = (0 if single_segment else 1) + dict_size + fcs_size
+            self._state, self._need = "header", rest
+            if rest == 0:
+                self._state, self._need = "block", 3
+        elif self._state == "header":
+            self._state, self._need = "block", 3
+        elif self._state == "block":
+            header = int.from_bytes(field, "little")
+            block_type, size = (header >> 1) & 0x03, header >> 3
+            if block_type == 3:
+                raise IntegrityError("zstd block of the reserved type")
+            self._last = bool(header & 1)
+            self._skip = 1 if block_type == 1 else size
+            if not self._skip:
+                self._next_block_or_end()
+        elif self._state == "checksum":
+            self._end_frame()
+
+    def _next_block_or_end(self) -> None:
+        if not self._last:
+            self._state, self._need = "block", 3
+        elif self._checksum:
+            self._state, self._need = "checksum", 4
+        else:
+            self._end_frame()
+
+    def _end_frame(self) -> None:
+        self.frames += 1
+        self._state, self._need = "magic", 4
 
 
-def _decoder(kind: str) -> _Decoder:
-    if kind == "zstd":
-        obj: _Decoder = zstandard.ZstdDecompressor().decompressobj()
-        return obj
-    if kind == "gzip":
-        return zlib.decompressobj(31)
-    raise ValueError(f"unknown compression {kind!r}")
+class _SinkWriter:
+    """What zstandard's stream_writer writes decompressed pieces into."""
+
+    def __init__(self, take: Callable[[bytes], None]) -> None:
+        self._take = take
+
+    def write(self, data: bytes) -> int:
+        self._take(bytes(data))
+        return len(data)
+
+
+class _ZstdDecoder:
+    """Bounded-output zstd decoding: stream_writer hands over at most ``_WRITE_SIZE``
+    bytes at a time, however much one compressed byte expands; the frame tracker says
+    where the stream ends."""
+
+    def __init__(self, take: Callable[[bytes], None]) -> None:
+        self._tracker = ZstdFrameTracker()
+        sink = cast(IO[bytes], _SinkWriter(take))  # stream_writer only calls write()
+        self._writer = zstandard.ZstdDecompressor().stream_writer(sink, write_size=_WRITE_SIZE)
+
+    @property
+    def eof(self) -> bool:
+        return self._tracker.eof
+
+    def feed(self, data: bytes) -> None:
+        self._tracker.feed(data)
+        try:
+            self._writer.write(data)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"zstd stream is corrupt: {exc}") from None
+
+
+class _GzipDecoder:
+    """Bounded-output gzip decoding with zlib's max_length."""
+
+    def __init__(self, take: Callable[[bytes], None]) -> None:
+        self._obj = zlib.decompressobj(31)
+        self._take = take
+
+    @property
+    def eof(self) -> bool:
+        return self._obj.eof
+
+    def feed(self, data: bytes) -> None:
+        pending = data
+        try:
+            while pending and not self._obj.eof:
+                out = self._obj.decompress(pending, _WRITE_SIZE)
+                if out:
+                    self._take(out)
+                pending = self._obj.unconsumed_tail
+        except zlib.error as exc:
+            raise IntegrityError(f"gzip stream is corrupt: {exc}") from None
+        if self._obj.eof and (self._obj.unused_data or pending):
+            raise IntegrityError("gzip stream has bytes after its end")
 
 
 class StreamChecker:
@@ -101,7 +236,12 @@ class StreamChecker:
         self.output_bytes = 0
         self._max_ratio = max_ratio
         self.tail = b""
-        self._decoder = _decoder(kind)
+        if kind == "zstd":
+            self._decoder: _Decoder = _ZstdDecoder(self._take)
+        elif kind == "gzip":
+            self._decoder = _GzipDecoder(self._take)
+        else:
+            raise ValueError(f"unknown compression {kind!r}")
         self._max_output = max_output
         self._sink = sink
 
@@ -109,22 +249,15 @@ class StreamChecker:
         """Decompress ``data``.
 
         Raises:
-            IntegrityError: corrupt stream, bytes after its end, or over ``max_output``.
+            IntegrityError: corrupt stream, bytes after its end, or over the limits.
         """
         view = memoryview(data)
-        for start in range(0, len(view), _SLICE):
+        for start in range(0, len(view), _FEED_SLICE):
             if self._decoder.eof:
                 raise IntegrityError(f"{self.kind} stream has bytes after its end")
-            piece = bytes(view[start : start + _SLICE])
-            self.input_bytes += len(piece)
-            try:
-                out = self._decoder.decompress(piece)
-            except (zstandard.ZstdError, zlib.error) as exc:
-                raise IntegrityError(f"{self.kind} stream is corrupt: {exc}") from None
-            if out:
-                self._take(out)
-        if self._decoder.eof and self._decoder.unused_data:
-            raise IntegrityError(f"{self.kind} stream has bytes after its end")
+            piece = bytes(view[start : start + _FEED_SLICE])
+            self.input_bytes += len(piece)  # before decoding: the ratio check is per slice
+            self._decoder.feed(piece)
 
     def _take(self, out: bytes) -> None:
         self.output_bytes += len(out)

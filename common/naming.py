@@ -69,7 +69,12 @@ def _name_problem(name: str) -> str | None:
 
 
 def encode_database(name: str) -> str:
-    """Return the file-name form of a database name (reversible, see module doc)."""
+    """Return the file-name form of a database name (reversible, see module doc).
+
+    Raises:
+        UnicodeEncodeError: ``name`` holds a lone surrogate, which JSON can carry but
+            no server allows; ``check_database_name`` refuses such names first.
+    """
     out: list[str] = []
     for index, char in enumerate(name):
         if char in _SAFE and not (index == 0 and char == "-"):
@@ -123,7 +128,9 @@ def extension_for(fmt: str, compression: str) -> str:
 def backup_name(database: str, day: date, seq: int, ext: str) -> str:
     """`<encoded db>_<yyyymmdd>[-seq].<ext>`; seq 1 has no suffix."""
     suffix = "" if seq == 1 else f"-{seq}"
-    return f"{encode_database(database)}_{day:%Y%m%d}{suffix}.{ext}"
+    # Not %Y: strftime does not pad years before 1000, which would not parse back.
+    stamp = f"{day.year:04d}{day.month:02d}{day.day:02d}"
+    return f"{encode_database(database)}_{stamp}{suffix}.{ext}"
 
 
 @dataclass(frozen=True)
