@@ -19,6 +19,10 @@ from common.compression import Compressor
 from common.errors import DumpError
 
 QUEUE_DEPTH = 4
+
+
+class DumpStalled(DumpError):
+    """The dump produced no bytes for the source's stall_timeout."""
 _DONE = b""
 T = TypeVar("T")
 
@@ -47,9 +51,7 @@ async def _next_with_stall(iterator: AsyncIterator[bytes], stall_timeout: float)
     except StopAsyncIteration:
         return None
     except TimeoutError:
-        raise DumpError(
-            f"dump stalled: no bytes for {stall_timeout:.0f} s", returncode=None
-        ) from None
+        raise DumpStalled(f"dump stalled: no bytes for {stall_timeout:.0f} s") from None
 
 
 async def run_pipeline(

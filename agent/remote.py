@@ -178,7 +178,8 @@ class AbortingChannel(Channel):
         if self.protocol.state is State.UPLOADING:
             # A frame is written whole or not at all, so ABORT may follow any DATA.
             with contextlib.suppress(BackhaulError, asyncssh.Error, OSError):
-                self._ssh_channel.write(self.protocol.send(Abort(self._client.abort_reason)))
+                abort = Abort(self._client.abort_reason, "interrupted")
+                self._ssh_channel.write(self.protocol.send(abort))
                 log.info("upload interrupted: ABORT sent (%s)", self._client.abort_reason)
         super().close()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.client import VERDICT_TIMEOUT, Channel, CollectorClient, CollectorTrustError
 from agent.config import AgentConfig, SourceConfig
-from agent.pipeline import Progress, run_pipeline
+from agent.pipeline import DumpStalled, Progress, run_pipeline
 from agent.retry import retry
 from agent.sources import Adapter, adapter_for
 from common.compression import make_compressor
@@ -164,7 +164,8 @@ class BackupRunner:
                     )
                     dump_meta = adapter.dump_metadata(dump)
             except DumpError as exc:
-                await self._abort(channel, str(exc))
+                await self._abort(channel, str(exc),
+                                  "stall" if isinstance(exc, DumpStalled) else "dump")
                 raise
             except TransportError:
                 await channel.early_answer(grace=5)  # a REJECT explains a cut channel
@@ -180,9 +181,9 @@ class BackupRunner:
         finally:
             channel.close()
 
-    async def _abort(self, channel: Channel, reason: str) -> None:
+    async def _abort(self, channel: Channel, reason: str, code: str) -> None:
         try:
-            await channel.send(Abort(reason[:1000]))
+            await channel.send(Abort(reason[:1000], code))
         except BackhaulError:
             log.debug("could not send ABORT; the channel is already gone")
 

@@ -88,9 +88,16 @@ ERROR_FAMILIES = frozenset(
 REPORT_REASONS = frozenset(
     {"db_unreachable", "auth_failed", "permission_denied", "tool_missing", "timeout", "cancelled"}
 )
+ABORT_REASONS = frozenset({"stall", "interrupted", "shutdown"})
+"""Why an agent gave up mid-dump (the ABORT's code) or the collector stopped a backup."""
 """Why an agent could not even start a dump (sent in a REPORT)."""
 
-REASONS = ERROR_FAMILIES | REPORT_REASONS | frozenset(code.value for code in RejectCode)
+REASONS = (
+    ERROR_FAMILIES
+    | REPORT_REASONS
+    | ABORT_REASONS
+    | frozenset(code.value for code in RejectCode)
+)
 """Every value the ``reason`` label can take on a failure, besides ``other``."""
 
 REASON_NONE = "none"

@@ -529,6 +529,8 @@ class _Upload:
             reason, message = "shutdown", "collector shutting down"
         elif isinstance(exc, ChannelClosed):
             reason, message = "transport", f"connection cut mid-stream: {exc}"
+        elif isinstance(exc, _Aborted) and exc.code:
+            reason, message = exc.code, str(exc)
         elif isinstance(exc, BackhaulError):
             reason, message = exc.reject_code.value, str(exc)
         else:
@@ -585,7 +587,7 @@ class _Upload:
             elif isinstance(event, End):
                 return await self._finish(event, started)
             elif isinstance(event, Abort):
-                raise _Aborted(escape_control(event.reason))
+                raise _Aborted(escape_control(event.reason), event.code)
             elif isinstance(event, Closed):
                 raise ChannelClosed("agent closed the channel before END")
 
@@ -631,8 +633,9 @@ class _Aborted(BackhaulError):
 
     reject_code = RejectCode.ABORTED
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str = "") -> None:
         super().__init__(f"agent aborted: {reason}")
+        self.code = code
 
 
 def storage_free(root: Path) -> int:

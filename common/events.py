@@ -160,19 +160,30 @@ class End(Event):
         return cls(_int(obj, "byte_count"), sha, _meta(obj, "metadata"))
 
 
+ABORT_CODES = ("dump", "stall", "interrupted")
+
+
 @dataclass(frozen=True)
 class Abort(Event):
-    """Agent gives up on this backup; nothing of it may be kept."""
+    """Agent gives up on this backup; nothing of it may be kept.
+
+    ``code`` is one word for metrics and alerts (``ABORT_CODES``; empty when the agent
+    gives none); ``reason`` is the free-text cause for the logs.
+    """
 
     frame_type: ClassVar[FrameType] = FrameType.ABORT
     reason: str
+    code: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"reason": self.reason}
+        return {"reason": self.reason, "code": self.code}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Abort:
-        return cls(_text(obj, "reason"))
+        code = _text(obj, "code", 32, optional=True) or ""
+        if code and code not in ABORT_CODES:
+            code = ""  # a newer agent's word: keep the ABORT, count it as plain "aborted"
+        return cls(_text(obj, "reason"), code)
 
 
 @dataclass(frozen=True)

@@ -542,11 +542,11 @@ async def test_stalled_dump_is_aborted_counted_and_visible_while_running(
     assert sample(during, "backhaul_backup_last_attempt_success", **pair) is None
     assert sample(after, "backhaul_backups_running", **pair) == 0
     assert sample(after, "backhaul_backup_running_oldest_age_seconds", **pair) == 0
-    assert sample(after, "backhaul_backups_total", result="failure", reason="aborted", **pair) == 1
+    assert sample(after, "backhaul_backups_total", result="failure", reason="stall", **pair) == 1
     assert sample(after, "backhaul_backup_last_attempt_success", **pair) == 0
     collector_log = log_text(deployment.collector_logs)
     assert re.search(
-        rf"backup db1/{STALLED} \[\w+\][^\n]* failed \(aborted\): agent aborted: dump stalled",
+        rf"backup db1/{STALLED} \[\w+\][^\n]* failed \(stall\): agent aborted: dump stalled",
         collector_log,
     ), collector_log
     assert stored_files(deployment.store) == []
