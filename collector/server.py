@@ -55,6 +55,7 @@ class ConnectionCaps:
     max_channels: int = 16  # per connection; twice as many are refused outright
     total: int = 0
     per_agent: Counter[str] = field(default_factory=Counter)
+    live: set[asyncssh.SSHServerConnection] = field(default_factory=set)
 
 
 class CollectorSSHServer(asyncssh.SSHServer):
@@ -77,6 +78,7 @@ class CollectorSSHServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        self._caps.live.add(conn)
         self._auth.attach(conn)
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
@@ -89,6 +91,8 @@ class CollectorSSHServer(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._conn is not None:
+            self._caps.live.discard(self._conn)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -317,3 +321,7 @@ class CollectorServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=10)
+        # Closing the listener leaves accepted connections open; an agent must see the
+        # collector go, not keep a half-dead connection.
+        for conn in list(self.caps.live):
+            conn.close()
