@@ -155,7 +155,7 @@ def _source(table: Table) -> SourceConfig:
         schedule=_schedule(table),
         random_delay=table.number("random_delay", 0.0, low=0),
         record_checksums=table.flag("record_checksums", True) if is_mysql else False,
-        extra={k: table.raw(k) for k in ("include_users_and_roles", "oplog") if table.has(k)},
+        extra={k: table.flag(k) for k in ("include_users_and_roles", "oplog") if table.has(k)},
     )
     if source.random_delay and source.schedule is None:
         raise ConfigError(f"{table.where('random_delay')} needs a schedule")

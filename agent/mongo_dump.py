@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 SYSTEM_DATABASES: Final = frozenset({"admin", "local", "config"})
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 DEFAULT_BATCH_SIZE: Final = 1000
+# About this many bytes of documents per cursor batch: pymongo holds several copies of a
+# reply while unpacking it, so 1000 large documents (up to the server's 16 MiB per reply)
+# would cost the agent far more memory than the rest of the pipeline.
+DEFAULT_BATCH_BYTES: Final = 1024 * 1024
 DEFAULT_QUEUE_CHUNKS: Final = 8
 _AUTH_FAILED_CODES: Final = frozenset({18, 11})  # AuthenticationFailed, UserNotFound
 _VERSION_RE: Final = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
@@ -346,6 +350,19 @@ def _uuid_hex(value: object) -> str:
     return found.hex if found is not None and found.int else ""
 
 
+def batch_size_for(
+    documents: int, size: int, most: int = DEFAULT_BATCH_SIZE, budget: int = DEFAULT_BATCH_BYTES
+) -> int:
+    """Documents per cursor batch for a collection of ``documents`` totalling ``size`` bytes.
+
+    At most ``most``, and about ``budget`` bytes of documents of the average size; ``most``
+    when the server gave no estimate.
+    """
+    if documents <= 0 or size <= 0:
+        return most
+    return max(1, min(most, budget * documents // size))
+
+
 def _tool_version() -> str:
     try:
         return f"backhaul {importlib.metadata.version('backhaul')}"
@@ -365,7 +382,9 @@ class MongoDump:
     (:class:`DumpError` on failure). ``oplog=None`` captures the oplog window on a replica
     set, ``True`` requires it and ``False`` never captures it; :attr:`point_in_time` tells
     which happened. The oplog keeps this database's entries and ``admin.$cmd`` ones
-    (transactions). :attr:`metadata` is complete once iteration has finished.
+    (transactions). Cursor batches hold at most ``batch_size`` documents and about
+    ``batch_bytes`` bytes (see :func:`batch_size_for`). :attr:`metadata` is complete once
+    iteration has finished.
     """
 
     def __init__(
@@ -377,6 +396,7 @@ class MongoDump:
         oplog: bool | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
         queue_chunks: int = DEFAULT_QUEUE_CHUNKS,
     ) -> None:
         if not database or database in ("local", "config"):
@@ -387,6 +407,7 @@ class MongoDump:
         self._oplog = oplog
         self._chunk_size = chunk_size
         self._batch_size = batch_size
+        self._batch_bytes = batch_bytes
         self._slots = threading.Semaphore(queue_chunks)
         self._stop = threading.Event()
         self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
@@ -543,9 +564,10 @@ class _Worker:
         if coll.info.type == "view":
             self._emit(self._writer.end_namespace(self._db, name))
             return
-        cursor = self._client[self._db][name].find_raw_batches(
-            {}, batch_size=self._dump._batch_size
+        batch = batch_size_for(
+            coll.info.documents, coll.info.size, self._dump._batch_size, self._dump._batch_bytes
         )
+        cursor = self._client[self._db][name].find_raw_batches({}, batch_size=batch)
         self._copy(self._db, name, cursor)
         documents, size = self._writer.counts(self._db, name)
         self._dump._metadata["collections"][name].update(documents=documents, bytes=size)
