@@ -43,6 +43,7 @@ from collector.inventory import (
     started_at,
 )
 from collector.retention import Backup, RetentionPlan, plan
+from collector.storage import fsync_dir
 from common.errors import ConfigError
 from common.naming import MANIFEST_SUFFIX
 
@@ -222,20 +223,12 @@ def _delete_planned(db: DatabasePrune, should_stop: Callable[[], bool]) -> bool:
             break
     if db.deleted:
         try:
-            _fsync_dir(db.folder)
+            fsync_dir(db.folder)
         except OSError as exc:
             db.error = db.error or f"cannot fsync {db.folder}: {exc.strerror}"
     if db.error:
         log.error("prune of agent=%s database=%s stopped: %s", db.agent, db.database, db.error)
     return not stopped
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- presentation ----------------------------------------------------------------------------

@@ -39,7 +39,8 @@ DIR_MODE = 0o750
 MAX_SEQ = 9999
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new name, a removed one) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -137,7 +138,7 @@ class Upload:
                 os.unlink(manifest_path)
                 return None
             os.unlink(self.temp_path)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except OSError as exc:
             raise _storage_error("publish", final, exc) from None
         finally:
