@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -39,6 +40,19 @@ STDERR_LIMIT = 64 * 1024
 _STDERR_LINES_IN_MESSAGE = 3
 _REAP_TIMEOUT = 10.0
 _OPTION_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b"}
+
+
+PIPE_SIZE = 1024 * 1024
+
+
+def _widen_pipe(proc: asyncio.subprocess.Process) -> None:
+    """Let the dump tool run 1 MiB ahead of us instead of the default 64 KiB."""
+    transport = getattr(proc.stdout, "_transport", None)
+    pipe = transport.get_extra_info("pipe") if transport is not None else None
+    if pipe is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return
+    with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size; optional
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def find_dump_tool(path: str | None = None) -> str:
@@ -238,6 +252,7 @@ class MySQLDump:
             self._remove_option_file()
             raise
         self._tool = tool
+        _widen_pipe(self._proc)
         self._stderr_task = asyncio.create_task(self._collect_stderr())
         logger.debug("started %s (pid %d) for database %r", tool, self._proc.pid, self.database)
         return self
@@ -264,7 +279,12 @@ class MySQLDump:
             raise RuntimeError("MySQLDump must be entered with 'async with' before iterating")
         if self._finished:
             raise StopAsyncIteration
-        chunk = await self._proc.stdout.read(self.chunk_size)
+        try:
+            # Whole chunks: one 1 MiB hand-over instead of sixteen 64 KiB ones keeps the
+            # event loop's share of the raw dump small.
+            chunk = await self._proc.stdout.readexactly(self.chunk_size)
+        except asyncio.IncompleteReadError as exc:
+            chunk = exc.partial
         if chunk:
             if not self.bytes_read:
                 # The tool reads its options before it prints a byte: the file can go now,
