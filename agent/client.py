@@ -228,8 +228,12 @@ class CollectorClient:
         try:
             key = asyncssh.read_private_key(str(endpoint.client_key))
             keys: list[Any] = [key]
-            if endpoint.client_certificate is not None:
-                keys = [(key, asyncssh.read_certificate(str(endpoint.client_certificate)))]
+            certificate = endpoint.client_certificate
+            beside = endpoint.client_key.with_name(endpoint.client_key.name + "-cert.pub")
+            if certificate is None and beside.exists():  # as ssh(1) and backhaul-certs do
+                certificate = beside
+            if certificate is not None:
+                keys = [(key, asyncssh.read_certificate(str(certificate)))]
         except (OSError, asyncssh.KeyImportError, ValueError) as exc:
             raise TransportError(f"cannot read the agent key {endpoint.client_key}: {exc}") \
                 from None
