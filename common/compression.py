@@ -22,6 +22,7 @@ KINDS = ("zstd", "gzip")
 # compression alone held the dump to 0.6x the server's read rate; 1 costs about a
 # quarter more bytes and keeps the dump at the read rate. compression_level overrides.
 DEFAULT_LEVELS = {"zstd": 3, "gzip": 1}
+ZSTD_JOB_SIZE = 1024 * 1024
 _WRITE_SIZE = 128 * 1024  # decompressed bytes handed over at a time: bounds memory
 _FEED_SLICE = 16 * 1024  # compressed bytes per step: bounds the work before a ratio check
 TAIL_BYTES = 4096
@@ -35,7 +36,15 @@ class Compressor(Protocol):
 
 class _Zstd:
     def __init__(self, level: int, threads: int) -> None:
-        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=threads)
+        if threads > 0:
+            # Worker threads buffer whole jobs; zstd's default job (several MiB per
+            # worker) cost the agent 40 MiB. 1 MiB jobs cost 8 MiB for the same speed.
+            params = zstandard.ZstdCompressionParameters.from_level(
+                level, threads=threads, job_size=ZSTD_JOB_SIZE, write_checksum=1
+            )
+            cctx = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
         self._obj = cctx.compressobj()
 
     def compress(self, data: bytes) -> bytes:
