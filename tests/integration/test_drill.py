@@ -69,7 +69,8 @@ async def test_drill_passes_reports_and_leaves_no_scratch_database(
     toml = collector_toml(deployment, metrics_port, '["tricky", "my-db"]')
     async with running_collector(toml) as (_, port):
         config = deployment.agent_toml(
-            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw)
+            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw,
+                                        extra="record_checksums = true\n")
         )
         assert (await run_agent(config)).returncode == 0
         assert (
@@ -109,7 +110,8 @@ async def test_drill_against_a_tampered_manifest_checksum_fails_and_is_reported(
     toml = collector_toml(deployment, metrics_port, '["tricky"]')
     async with running_collector(toml) as (_, port):
         config = deployment.agent_toml(
-            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw)
+            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw,
+                                        extra="record_checksums = true\n")
         )
         assert (await run_agent(config)).returncode == 0
         (stored,) = backups(deployment.store, "db1", "tricky")
@@ -177,7 +179,8 @@ async def test_drill_with_no_backup_fails_and_is_reported(
     pw = password_file(tmp_path, mariadb.root_password)
     async with running_collector(deployment.collector_toml()) as (_, port):
         config = deployment.agent_toml(
-            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw)
+            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw,
+                                        extra="record_checksums = true\n")
         )
         run = await run_cli(*drill_args(config, "tricky"))
     assert run.returncode == 1

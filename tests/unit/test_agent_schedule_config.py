@@ -45,7 +45,7 @@ def test_defaults(tmp_path: Path) -> None:
     (source,) = config.sources
     assert source.schedule is None
     assert source.random_delay == 0.0
-    assert source.record_checksums is True
+    assert source.record_checksums is False
 
 
 def test_keys_are_read(tmp_path: Path) -> None:
