@@ -12,9 +12,9 @@ What is compared
 
 MySQL/MariaDB: each table's row count and ``CHECKSUM TABLE``, against the values the
 backup recorded (``record_checksums``, off by default: it costs a full read). Those
-values are read just before the dump, outside its snapshot, so they describe the dump only if nothing was written in
-between. The backup therefore also records the binary-log position before the checksums
-and after the dump (``binlog_unchanged``):
+values are read just before the dump, outside its snapshot, so they describe the dump
+only if nothing was written in between. The backup therefore also records the
+binary-log position before the checksums and after the dump (``binlog_unchanged``):
 
 * unchanged: the server logged no write, the values must match exactly; any difference
   fails the drill;
