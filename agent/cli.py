@@ -13,15 +13,17 @@ import sys
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.client import CollectorClient
 from agent.config import AgentConfig, load_agent_config
-from agent.drill import run_drill
 from agent.progress import ProgressDisplay
 from agent.remote import ServiceClient
-from agent.restore import RestoreRequest, restore
 from agent.runner import BackupResult, BackupRunner, run_exit_code
 from agent.service import DEFAULT_STOP_TIMEOUT, AgentService
+
+if TYPE_CHECKING:
+    from agent.restore import RestoreRequest
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import escape_control, setup_logging
 
@@ -104,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return asyncio.run(_run(config, args.grace, args.stop_timeout, stderr_level))
         if args.command == "restore":
+            from agent.restore import RestoreRequest
+
             request = RestoreRequest(args.database, args.source, args.date, args.into,
                                      args.force)
             return asyncio.run(_restore(config, request))
@@ -150,6 +154,8 @@ async def _run(config: AgentConfig, grace: float, stop_timeout: float,
 
 
 async def _restore(config: AgentConfig, request: RestoreRequest) -> int:
+    from agent.restore import restore
+
     display = ProgressDisplay.for_stream()
     try:
         async with CollectorClient(config) as client:
@@ -167,6 +173,8 @@ async def _drill(config: AgentConfig, database: str, source: str | None) -> int:
     display = ProgressDisplay.for_stream()
     try:
         async with CollectorClient(config) as client:
+            from agent.drill import run_drill  # pymongo and restore code: load on demand
+
             result = await run_drill(config, database, source, client, meter=display.meter)
     finally:
         display.finish()

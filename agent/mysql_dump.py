@@ -51,7 +51,9 @@ def _widen_pipe(proc: asyncio.subprocess.Process) -> None:
     pipe = transport.get_extra_info("pipe") if transport is not None else None
     if pipe is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
         return
-    with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size; optional
+    # Optional: capped by /proc/sys/fs/pipe-max-size, and a tool that already exited
+    # has closed its end (ValueError).
+    with contextlib.suppress(OSError, ValueError):
         fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
