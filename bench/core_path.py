@@ -985,7 +985,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def cleanup_on_signal() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt so the servers are stopped either way."""
     def raise_interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
@@ -1003,8 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"core_path: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("core_path: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"core_path: interrupted ({exc or 'SIGINT'})", file=sys.stderr)
         return 130
     finally:
         bench.close()
