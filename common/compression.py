@@ -9,6 +9,7 @@ the dump-trailer check. Where a zstd stream ends is read from its frame structur
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from collections.abc import Callable
 from typing import IO, Protocol, cast
@@ -171,13 +172,20 @@ class ZstdFrameTracker:
 
 
 class _SinkWriter:
-    """What zstandard's stream_writer writes decompressed pieces into."""
+    """What zstandard's stream_writer writes decompressed pieces into.
+
+    It holds its consumer weakly: zstandard's writer is invisible to Python's cycle
+    collector, so a strong reference back to the StreamChecker that owns the writer
+    made a cycle nothing could free (2.4 MiB leaked per verified backup).
+    """
 
     def __init__(self, take: Callable[[bytes], None]) -> None:
-        self._take = take
+        self._take = weakref.WeakMethod(take)
 
     def write(self, data: bytes) -> int:
-        self._take(bytes(data))
+        take = self._take()
+        if take is not None:
+            take(bytes(data))
         return len(data)
 
 

@@ -336,3 +336,22 @@ def test_tail_of_short_output_is_the_whole_output(kind: str) -> None:
     checker.feed(compress(kind, b"short\n"))
     checker.finish()
     assert checker.tail == b"short\n"
+
+
+def test_a_finished_checker_is_freed_without_the_cycle_collector() -> None:
+    """No reference cycle through zstandard's writer: each verified backup's decoder
+    is freed as soon as it is dropped (the collector verifies backups for years)."""
+    import gc
+    import weakref
+
+    compressor = make_compressor("zstd")
+    payload = compressor.compress(b"-- Dump completed\n" * 1000) + compressor.flush()
+    gc.disable()
+    try:
+        checker = StreamChecker("zstd")
+        checker.feed(payload)
+        alive = weakref.ref(checker)
+        del checker
+        assert alive() is None
+    finally:
+        gc.enable()
