@@ -30,7 +30,7 @@ from common.protocol import State
 log = logging.getLogger(__name__)
 ANSWER_TIMEOUT = 120.0
 FETCH_IDLE_TIMEOUT = 300.0
-CLOSE_GRACE = 5.0
+CLOSE_GRACE = 15.0  # a slow link may hold several MiB ahead of the ABORT; systemd allows 120 s
 
 
 async def list_backups(client: CollectorClient, database: str) -> list[dict[str, Any]]:
