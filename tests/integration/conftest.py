@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from harness import Deployment
 from mariadb_server import MariaDBNotInstalled, MariaDBServer
+from sample_data import create_sample_databases
 
 # -- MariaDB ---------------------------------------------------------------------------------
 
@@ -37,3 +40,20 @@ def mariadb_fresh() -> Iterator[MariaDBServer]:
     server = _new_mariadb()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def samples(mariadb: MariaDBServer) -> list[str]:
+    """The tricky sample databases, (re)created once per test module."""
+    return create_sample_databases(mariadb)
+
+
+# -- Deployments ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Deployment:
+    """Keys and folders of one collector with one agent, db1."""
+    deployment = Deployment(tmp_path)
+    deployment.add_agent("db1")
+    return deployment

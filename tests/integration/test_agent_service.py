@@ -24,14 +24,8 @@ from agent_ops import (
 )
 from harness import Deployment, log_text, mysql_source, running_collector, stored_files
 from mariadb_server import MariaDBServer
-from sample_data import create_sample_databases
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def samples(mariadb: MariaDBServer) -> list[str]:
-    return create_sample_databases(mariadb)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +35,6 @@ def bulky(mariadb: MariaDBServer) -> str:
 
     generate_bulk(mariadb, "bulky", 60 * 1024 * 1024)
     return "bulky"
-
-
-@pytest.fixture
-def deployment(tmp_path: Path) -> Deployment:
-    deployment = Deployment(tmp_path)
-    deployment.add_agent("db1")
-    return deployment
 
 
 def with_agent_keys(config: Path, agent_keys: str) -> None:

@@ -171,13 +171,6 @@ def databases(mariadb: MariaDBServer) -> Iterator[MariaDBServer]:
         mariadb.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Deployment:
-    deployment = Deployment(tmp_path)
-    deployment.add_agent("db1")
-    return deployment
-
-
 def ward_source(server: MariaDBServer, folder: Path, password: str) -> str:
     pw = password_file(folder, password)
     return mysql_source(server.port, f'["{WARD}"]', password_file=pw)

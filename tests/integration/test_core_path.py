@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_ops import password_file
 from harness import (
     Deployment,
     log_text,
@@ -24,28 +25,9 @@ from harness import (
     stored_files,
 )
 from mariadb_server import MariaDBServer
-from sample_data import create_sample_databases, table_checksums
+from sample_data import table_checksums
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def samples(mariadb: MariaDBServer) -> list[str]:
-    return create_sample_databases(mariadb)
-
-
-@pytest.fixture
-def deployment(tmp_path: Path) -> Deployment:
-    deployment = Deployment(tmp_path)
-    deployment.add_agent("db1")
-    return deployment
-
-
-def password_file(tmp_path: Path, password: str) -> Path:
-    path = tmp_path / "mysql.pass"
-    path.write_text(password + "\n")
-    path.chmod(0o600)
-    return path
 
 
 def restore(server: MariaDBServer, backup: Path, into: str) -> None:

@@ -133,13 +133,6 @@ def mongo_source(uri: str, databases: str, *, name: str = "docs", extra: str = "
     )
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Deployment:
-    deployment = Deployment(tmp_path)
-    deployment.add_agent("db1")
-    return deployment
-
-
 def backups_by_database(store: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Each stored backup and its manifest, keyed by the real database name."""
     found: dict[str, tuple[Path, dict[str, Any]]] = {}

@@ -13,21 +13,9 @@ import pytest
 from agent_ops import backups, manifest_of, password_file, run_cli, write_manifest
 from harness import Deployment, log_text, mysql_source, run_agent, running_collector
 from mariadb_server import MariaDBServer
-from sample_data import create_sample_databases, table_checksums
+from sample_data import table_checksums
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def samples(mariadb: MariaDBServer) -> list[str]:
-    return create_sample_databases(mariadb)
-
-
-@pytest.fixture
-def deployment(tmp_path: Path) -> Deployment:
-    deployment = Deployment(tmp_path)
-    deployment.add_agent("db1")
-    return deployment
 
 
 def databases(server: MariaDBServer) -> set[str]:
