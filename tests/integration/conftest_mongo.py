@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pymongo
 import pytest
 
 from agent.mongo_dump import MongoParams
@@ -41,3 +43,11 @@ def private_nx_server(tmp_path: Path) -> Iterator[NxServer]:
 def mongo_params(nx_server: NxServer) -> MongoParams:
     """Connection parameters for the shared server, with short timeouts."""
     return MongoParams(nx_server.uri, timeout=3.0, socket_timeout=30.0)
+
+
+@pytest.fixture(scope="module")
+def client(nx_server: NxServer) -> Iterator[pymongo.MongoClient[dict[str, Any]]]:
+    """A pymongo client of the shared server, for filling and reading test data."""
+    mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(nx_server.uri)
+    yield mongo
+    mongo.close()

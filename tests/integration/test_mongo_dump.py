@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
 import bson
@@ -52,13 +51,6 @@ def visit(i: int) -> dict[str, Any]:
         "weight": 70.5 + i / 10,
         "missing": None,
     }
-
-
-@pytest.fixture(scope="module")
-def client(nx_server: NxServer) -> Iterator[MongoClient]:
-    mongo: MongoClient = pymongo.MongoClient(nx_server.uri)
-    yield mongo
-    mongo.close()
 
 
 @pytest.fixture(scope="module")

@@ -82,13 +82,6 @@ def visit(i: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def client(nx_server: NxServer) -> Iterator[MongoClient]:
-    mongo: MongoClient = pymongo.MongoClient(nx_server.uri)
-    yield mongo
-    mongo.close()
-
-
-@pytest.fixture(scope="module")
 def source(client: MongoClient) -> MongoClient:
     """Three databases: 100k+ documents, nested and binary data, unique and TTL indexes."""
     clinic = client["e2e_clinic"]
