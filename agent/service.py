@@ -187,11 +187,13 @@ class AgentService:
                 if self._reload_requested and not self._stopping:
                     self._reload_requested = False
                     await self._reload()
+            # Handlers stay through the shutdown: a second SIGTERM must end the grace
+            # (with ABORTs), not kill the process with the default action.
+            return await self._shutdown()
         finally:
             loop = asyncio.get_running_loop()
             for signum in handled:
                 loop.remove_signal_handler(signum)
-        return await self._shutdown()
 
     def _install_signals(self) -> list[signal.Signals]:
         loop = asyncio.get_running_loop()

@@ -65,6 +65,12 @@ async def stop_service(proc: asyncio.subprocess.Process, timeout: float = 60) ->
     """SIGTERM, then the exit status; SIGKILL and fail if it does not stop in time."""
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)
+    return await wait_service(proc, timeout)
+
+
+async def wait_service(proc: asyncio.subprocess.Process, timeout: float = 60) -> int:
+    """The exit status of a service already told to stop (a second SIGTERM would end
+    its grace period); SIGKILL and fail if it does not exit in time."""
     try:
         return await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:

@@ -21,6 +21,7 @@ from agent_ops import (
     start_service,
     stop_service,
     wait_for,
+    wait_service,
 )
 from harness import Deployment, log_text, mysql_source, running_collector, stored_files
 from mariadb_server import MariaDBServer
@@ -136,7 +137,7 @@ async def test_sigterm_mid_backup_aborts_it_and_leaves_nothing(
             assert backups(deployment.store, "db1", "bulky") == []
             started = time.monotonic()
             service.send_signal(signal.SIGTERM)
-            code = await stop_service(service, timeout=30)
+            code = await wait_service(service, timeout=30)
             took = time.monotonic() - started
         finally:
             if service.returncode is None:
@@ -176,7 +177,7 @@ async def test_sigterm_with_grace_lets_the_running_backup_finish(
                 "the backup to stream",
             )
             service.send_signal(signal.SIGTERM)
-            code = await stop_service(service, timeout=90)
+            code = await wait_service(service, timeout=90)
         finally:
             if service.returncode is None:
                 service.kill()
