@@ -12,13 +12,15 @@ The dump is a single-transaction snapshot of the named database without
 
 Reading is pull-based: when the consumer is slow the pipe fills and the dump tool
 blocks, which is the back-pressure. Only iterating to the end checks the exit status.
+stdout is a plain pipe read in worker threads, never by the event loop: the agent's
+pump (:mod:`agent.pump`) reads it, compresses and hashes in one thread through
+:meth:`MySQLDump.pipe_reader`, :meth:`~MySQLDump.note_read` and :meth:`~MySQLDump.finish`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -29,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from agent.mysql_control import MySQLParams
+from agent.pipe import PipeReader, PipeStopped, widen
 from common.errors import DumpError
 
 logger = logging.getLogger(__name__)
@@ -40,21 +43,6 @@ STDERR_LIMIT = 64 * 1024
 _STDERR_LINES_IN_MESSAGE = 3
 _REAP_TIMEOUT = 10.0
 _OPTION_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b"}
-
-
-PIPE_SIZE = 1024 * 1024
-
-
-def _widen_pipe(proc: asyncio.subprocess.Process) -> None:
-    """Let the dump tool run 1 MiB ahead of us instead of the default 64 KiB."""
-    transport = getattr(proc.stdout, "_transport", None)
-    pipe = transport.get_extra_info("pipe") if transport is not None else None
-    if pipe is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
-        return
-    # Optional: capped by /proc/sys/fs/pipe-max-size, and a tool that already exited
-    # has closed its end (ValueError).
-    with contextlib.suppress(OSError, ValueError):
-        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def find_dump_tool(path: str | None = None) -> str:
@@ -206,6 +194,8 @@ class MySQLDump:
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr = bytearray()
         self._stderr_task: asyncio.Task[None] | None = None
+        self._stdout: PipeReader | None = None
+        self._reading: asyncio.Future[bytes] | None = None
         self._finished = False
 
     def __repr__(self) -> str:
@@ -236,25 +226,30 @@ class MySQLDump:
         stack = contextlib.ExitStack()
         self.option_file = stack.enter_context(client_option_file(self.params))
         self._option_file = stack
+        read_fd, write_fd = os.pipe()  # both close-on-exec; the child gets a dup as fd 1
+        widen(read_fd)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 tool,
                 *dump_arguments(self.option_file, self.database),
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=write_fd,
                 stderr=asyncio.subprocess.PIPE,
                 env=_minimal_env(),
-                limit=self.chunk_size,
                 start_new_session=True,
             )
         except OSError as exc:
+            os.close(read_fd)
             self._remove_option_file()
             raise DumpError(f"cannot start {Path(tool).name}: {exc.strerror or exc}") from exc
         except BaseException:
+            os.close(read_fd)
             self._remove_option_file()
             raise
+        finally:
+            os.close(write_fd)  # ours closed: the pipe ends when the tool's end does
         self._tool = tool
-        _widen_pipe(self._proc)
+        self._stdout = PipeReader(read_fd)
         self._stderr_task = asyncio.create_task(self._collect_stderr())
         logger.debug("started %s (pid %d) for database %r", tool, self._proc.pid, self.database)
         return self
@@ -266,36 +261,62 @@ class MySQLDump:
         tb: TracebackType | None,
     ) -> None:
         self._remove_option_file()
-        if self._proc is not None and not self._finished:
-            if self._proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self._proc.kill()
-                logger.debug("killed %s for database %r early", self._tool, self.database)
-            await self._reap()
+        try:
+            if self._proc is not None and not self._finished:
+                if self._proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self._proc.kill()
+                    logger.debug("killed %s for database %r early", self._tool, self.database)
+                await self._reap()
+        finally:
+            await self._close_stdout()
+
+    def pipe_reader(self) -> PipeReader:
+        """The reader of the tool's stdout, for one worker thread at a time.
+
+        Whoever reads through it reports the bytes with :meth:`note_read` and, at the
+        end of the pipe, awaits :meth:`finish`; it must stop reading before the context
+        is left (the descriptor is closed then).
+        """
+        if self._stdout is None:
+            raise RuntimeError("MySQLDump must be entered with 'async with' before reading")
+        return self._stdout
+
+    def note_read(self, count: int) -> None:
+        """Account for ``count`` bytes read from stdout by the consumer."""
+        if count and not self.bytes_read:
+            # The tool reads its options before it prints a byte: the file can go now,
+            # so even a crash of this process later leaves no credentials behind.
+            self._remove_option_file()
+        self.bytes_read += count
 
     def __aiter__(self) -> MySQLDump:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._proc is None or self._proc.stdout is None:
-            raise RuntimeError("MySQLDump must be entered with 'async with' before iterating")
+        reader = self.pipe_reader()
         if self._finished:
             raise StopAsyncIteration
-        try:
-            # Whole chunks: one 1 MiB hand-over instead of sixteen 64 KiB ones keeps the
-            # event loop's share of the raw dump small.
-            chunk = await self._proc.stdout.readexactly(self.chunk_size)
-        except asyncio.IncompleteReadError as exc:
-            chunk = exc.partial
+        # Shielded: a cancelled wait (a stall timeout) leaves the read running, and
+        # leaving the context waits for it before the descriptor is closed.
+        self._reading = asyncio.ensure_future(asyncio.to_thread(self._read_chunk, reader))
+        chunk = await asyncio.shield(self._reading)
         if chunk:
-            if not self.bytes_read:
-                # The tool reads its options before it prints a byte: the file can go now,
-                # so even a crash of this process later leaves no credentials behind.
-                self._remove_option_file()
-            self.bytes_read += len(chunk)
+            self.note_read(len(chunk))
             return chunk
-        await self._finish()
+        await self.finish()
         raise StopAsyncIteration
+
+    def _read_chunk(self, reader: PipeReader) -> bytes:
+        buffer = bytearray(self.chunk_size)
+        try:
+            count, _ = reader.readinto(memoryview(buffer))
+        except PipeStopped:
+            return b""
+        except OSError as exc:
+            raise DumpError(f"reading the output of {self._tool} failed: {exc}") from exc
+        del buffer[count:]
+        return bytes(buffer)
 
     async def _collect_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
@@ -304,8 +325,12 @@ class MySQLDump:
             if len(self._stderr) > STDERR_LIMIT:
                 del self._stderr[:-STDERR_LIMIT]
 
-    async def _finish(self) -> None:
-        """stdout is at its end: wait for the exit status and judge it."""
+    async def finish(self) -> None:
+        """stdout is at its end: wait for the exit status and judge it.
+
+        Raises:
+            DumpError: the tool failed (exit status, signal), with its stderr's tail.
+        """
         assert self._proc is not None and self._stderr_task is not None
         await self._stderr_task
         returncode = await self._proc.wait()
@@ -318,13 +343,10 @@ class MySQLDump:
         )
 
     async def _reap(self) -> None:
-        """Drain what is left of stdout, then collect stderr and the exit status."""
+        """Collect stderr and the exit status of a killed (or finished) tool."""
         assert self._proc is not None
         try:
             async with asyncio.timeout(_REAP_TIMEOUT):
-                if self._proc.stdout is not None:
-                    while await self._proc.stdout.read(self.chunk_size):
-                        pass
                 if self._stderr_task is not None:
                     await self._stderr_task
                 await self._proc.wait()
@@ -334,6 +356,26 @@ class MySQLDump:
             self._finished = True
             if self._stderr_task is not None and not self._stderr_task.done():
                 self._stderr_task.cancel()
+
+    async def _close_stdout(self) -> None:
+        """Stop any reader still in a worker thread, then close the pipe."""
+        if self._stdout is None:
+            return
+        reader, self._stdout = self._stdout, None
+        reader.stop()
+        reading = self._reading
+        if reading is None or reading.done():
+            os.close(reader.fd)
+            return
+
+        def close(done: asyncio.Future[bytes]) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved: it was reported, or nobody wants it now
+            os.close(reader.fd)
+
+        reading.add_done_callback(close)  # even if we are cancelled while waiting
+        with contextlib.suppress(Exception):
+            await asyncio.shield(reading)  # ends within POLL_INTERVAL of stop()
 
     def _failure(self, returncode: int) -> DumpError:
         name = Path(self._tool or "dump tool").name

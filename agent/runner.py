@@ -15,6 +15,7 @@ from typing import Any
 from agent.client import VERDICT_TIMEOUT, Channel, CollectorClient, CollectorTrustError
 from agent.config import AgentConfig, SourceConfig
 from agent.pipeline import DumpStalled, Progress, run_pipeline
+from agent.pump import PipeDump, pump
 from agent.retry import retry
 from agent.sources import Adapter, adapter_for
 from common.compression import make_compressor
@@ -158,14 +159,18 @@ class BackupRunner:
             channel.watch()
             try:
                 async with adapter.dump(database) as dump:
-                    result = await run_pipeline(
-                        aiter(dump),
-                        make_compressor(source.compression, source.compression_level,
-                                        threads=ZSTD_WORKERS),
-                        lambda data: _send_data(channel, data),
-                        stall_timeout=source.stall_timeout,
-                        progress=progress,
-                    )
+                    compressor = make_compressor(source.compression, source.compression_level,
+                                                 threads=ZSTD_WORKERS)
+                    if isinstance(dump, PipeDump):  # read, compressed, hashed off the loop
+                        result = await pump(dump, compressor,
+                                            lambda data: _send_data(channel, data),
+                                            stall_timeout=source.stall_timeout,
+                                            progress=progress)
+                    else:
+                        result = await run_pipeline(aiter(dump), compressor,
+                                                    lambda data: _send_data(channel, data),
+                                                    stall_timeout=source.stall_timeout,
+                                                    progress=progress)
                     dump_meta = adapter.dump_metadata(dump)
             except DumpError as exc:
                 await self._abort(channel, str(exc),

@@ -23,6 +23,7 @@ from common.errors import ConfigError, DumpError
 if TYPE_CHECKING:
     from agent.mysql_control import MySQLParams
     from agent.mysql_dump import MySQLDump
+    from agent.pipe import PipeReader
 
 log = logging.getLogger(__name__)
 DUMP_CHUNK = 1024 * 1024
@@ -169,6 +170,17 @@ class _BinlogWatch:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self._dump.__aexit__(exc_type, exc, tb)
+
+    def pipe_reader(self) -> PipeReader:
+        return self._dump.pipe_reader()
+
+    def note_read(self, count: int) -> None:
+        self._dump.note_read(count)
+
+    async def finish(self) -> None:
+        await self._dump.finish()
+        if not self.after_read:
+            await self._read_after()
 
     def __aiter__(self) -> _BinlogWatch:
         return self

@@ -30,8 +30,11 @@ TAIL_BYTES = 4096
 RATIO_GRACE = 64 * 1024 * 1024  # the expansion ratio is judged only past this output
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 class Compressor(Protocol):
-    def compress(self, data: bytes) -> bytes: ...
+    def compress(self, data: Buffer) -> bytes: ...
     def flush(self) -> bytes: ...
 
 
@@ -48,7 +51,7 @@ class _Zstd:
             cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
         self._obj = cctx.compressobj()
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: Buffer) -> bytes:
         return bytes(self._obj.compress(data))
 
     def flush(self) -> bytes:
@@ -59,7 +62,7 @@ class _Gzip:
     def __init__(self, level: int) -> None:
         self._obj = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip container
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: Buffer) -> bytes:
         return self._obj.compress(data)
 
     def flush(self) -> bytes:
