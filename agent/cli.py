@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from agent.restore import RestoreRequest
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import escape_control, setup_logging
+from common.memory import keep_freed_memory
 
 PROG = "backhaul-agent"
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ExitCode.OK
         stderr_level = logging.INFO if args.verbose else None
         setup_logging(PROG, config.log_dir, use_syslog=config.syslog, stderr_level=stderr_level)
+        keep_freed_memory()
         if args.command == "run":
             return asyncio.run(_run(config, args.grace, args.stop_timeout, stderr_level))
         if args.command == "restore":

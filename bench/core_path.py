@@ -202,8 +202,15 @@ def load_helpers() -> tuple[ModuleType, ModuleType, ModuleType]:
 
 
 def console_script(name: str, module: str) -> list[str]:
-    found = shutil.which(name)
-    return [found] if found else [sys.executable, "-m", module]
+    """The installed script beside this interpreter, as a real install runs it.
+
+    Not the first one on PATH: that may be a version manager's shim (pyenv's costs a
+    tenth of a second of bash per start), which is no part of Backhaul.
+    """
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    return [sys.executable, "-m", module]
 
 
 # -- the processes under test ---------------------------------------------------------------

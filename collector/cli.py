@@ -22,6 +22,7 @@ from collector.outcomes import FanOut
 from collector.server import CollectorServer, make_context
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import SafeFormatter, escape_control, setup_logging
+from common.memory import keep_freed_memory
 
 PROG = "backhaul-collector"
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(PROG, config.log.dir, use_syslog=config.log.syslog,
                       level=getattr(logging, config.log.level.upper()),
                       stderr_level=logging.INFO if args.verbose else logging.ERROR)
+        keep_freed_memory()
         return asyncio.run(serve(config))
     except ConfigError as exc:
         _err(f"configuration error: {exc}")
