@@ -65,6 +65,9 @@ class StoredBackup:
         return self.path.name
 
 
+WRITE_BEHIND = 8 * 1024 * 1024  # bytes written between writeback hints
+
+
 class Upload:
     """One backup being received into a temporary file."""
 
@@ -73,6 +76,7 @@ class Upload:
         self.database = database
         self.ext = ext
         self.bytes_written = 0
+        self._written_back = 0  # writeback started for the bytes before this offset
         self.temp_path = folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         try:
             self._fd: int | None = os.open(
@@ -97,6 +101,23 @@ class Upload:
         except OSError as exc:
             raise _storage_error("write", self.temp_path, exc) from None
         self.bytes_written += len(data)
+        if self.bytes_written - self._written_back >= WRITE_BEHIND:
+            self._write_back()
+
+    def _write_back(self) -> None:
+        """Start writing the latest bytes to disk now, without waiting for it.
+
+        Otherwise the whole backup sits dirty in memory until commit's fsync, which then
+        waits for all of it (80 ms for 190 MB here, seconds on a slow disk) while the
+        agent waits for STORED. POSIX_FADV_DONTNEED starts the writeback of dirty pages
+        and drops clean ones: a backup is not read again soon and should not push the
+        page cache out. Advisory: an error changes nothing, fsync still decides.
+        """
+        assert self._fd is not None
+        start, self._written_back = self._written_back, self.bytes_written
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self._fd, start, self.bytes_written - start,
+                             os.POSIX_FADV_DONTNEED)
 
     def commit(self, day: date, manifest: dict[str, Any]) -> StoredBackup:
         """fsync, then publish under the first free `<db>_<day>[-N]` name.

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from collector.storage import FILE_MODE, Store, StoredBackup, Upload, iter_backups
+from collector.storage import FILE_MODE, WRITE_BEHIND, Store, StoredBackup, Upload, iter_backups
 from common.errors import StorageError
 from common.naming import MANIFEST_SUFFIX, TEMP_PREFIX, encode_database
 
@@ -436,3 +436,38 @@ def test_folder_that_cannot_be_created_is_a_storage_error(tmp_path: Path) -> Non
 def test_temporary_file_that_cannot_be_created_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot create"):
         Upload(tmp_path / "missing", "hospital", EXT)
+
+
+def test_large_uploads_start_writeback_as_they_go_and_still_store_every_byte(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hints: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        hints.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    piece = os.urandom(1024 * 1024)
+    upload = store.begin(AGENT, "hospital", EXT)
+    for _ in range(3 * WRITE_BEHIND // len(piece) + 2):
+        upload.write(piece)
+    content = piece * (3 * WRITE_BEHIND // len(piece) + 2)
+    stored = upload.commit(DAY, manifest_for(content))
+    # One hint per WRITE_BEHIND bytes, back to back from the start; the tail is
+    # left to commit's fsync.
+    assert [(o, n) for o, n, _ in hints] == [(i * WRITE_BEHIND, WRITE_BEHIND) for i in range(3)]
+    assert {a for _, _, a in hints} == {os.POSIX_FADV_DONTNEED}
+    assert stored.path.read_bytes() == content
+
+
+def test_small_uploads_give_no_writeback_hint(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hints: list[int] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: hints.append(1))
+    upload = store.begin(AGENT, "hospital", EXT)
+    upload.write(b"x" * (WRITE_BEHIND - 1))
+    upload.commit(DAY, manifest_for(b"x" * (WRITE_BEHIND - 1)))
+    assert hints == []
