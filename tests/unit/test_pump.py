@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 import zstandard
 
-from agent.pipe import POLL_INTERVAL, PipeReader, PipeStopped
+import agent.pipe
+from agent.pipe import GULP, GULP_WAIT, POLL_INTERVAL, PipeReader, PipeStopped
 from agent.pipeline import DumpStalled, Progress
 from agent.pump import CHUNK, DEPTH, PipeDump, pump
 from common.compression import ZstdFrameTracker, make_compressor
@@ -267,3 +268,36 @@ def test_a_stopped_reader_gives_up_within_its_poll_interval(pipe: Pipe) -> None:
     reader.stop()
     thread.join(timeout=5 * POLL_INTERVAL)
     assert not thread.is_alive() and len(outcome) == 1
+
+
+def test_reader_waits_for_the_pipe_to_fill_after_a_short_read(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pieces = [b"%d" % i * 4096 for i in range(10)]
+    os.write(pipe.write_fd, pieces[0])
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        # Each pause lets the "dump tool" write one more 4 KiB piece, then it ends.
+        waits.append(seconds)
+        if len(waits) < len(pieces):
+            os.write(pipe.write_fd, pieces[len(waits)])
+        else:
+            pipe.close(pipe.write_fd)
+
+    monkeypatch.setattr(agent.pipe.time, "sleep", sleep)
+    buffer = memoryview(bytearray(CHUNK))
+    count, ended = PipeReader(pipe.read_fd).readinto(buffer)
+    assert (count, ended) == (sum(map(len, pieces)), True)
+    assert bytes(buffer[:count]) == b"".join(pieces)
+    assert waits == [GULP_WAIT] * len(pieces)
+
+
+def test_reader_does_not_wait_while_reads_come_back_full(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(agent.pipe.time, "sleep", waits.append)
+    os.write(pipe.write_fd, b"x" * GULP)
+    assert PipeReader(pipe.read_fd).readinto(memoryview(bytearray(GULP))) == (GULP, False)
+    assert waits == []
