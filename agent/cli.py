@@ -24,6 +24,7 @@ from agent.service import DEFAULT_STOP_TIMEOUT, AgentService
 
 if TYPE_CHECKING:
     from agent.restore import RestoreRequest
+from common.cli import print_error, run_command
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import escape_control, setup_logging
 from common.memory import keep_freed_memory
@@ -91,40 +92,34 @@ def _day(text: str) -> date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date as yyyymmdd") from None
 
 
-def _err(message: str) -> None:
-    print(f"{PROG}: {escape_control(message)}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        config = load_agent_config(args.config)
-        if args.command == "check-config":
-            print(f"{args.config}: OK ({len(config.sources)} source(s))")
-            return ExitCode.OK
-        stderr_level = logging.INFO if args.verbose else None
-        setup_logging(PROG, config.log_dir, use_syslog=config.syslog, stderr_level=stderr_level)
-        keep_freed_memory()
-        if args.command == "run":
-            return asyncio.run(_run(config, args.grace, args.stop_timeout, stderr_level))
-        if args.command == "restore":
-            from agent.restore import RestoreRequest
+    return run_command(PROG, lambda: _command(args), on_interrupt=_interrupted)
 
-            request = RestoreRequest(args.database, args.source, args.date, args.into,
-                                     args.force)
-            return asyncio.run(_restore(config, request))
-        if args.command == "drill":
-            return asyncio.run(_drill(config, args.database, args.source))
-        return asyncio.run(_backup(config, args.source, args.database))
-    except ConfigError as exc:
-        _err(f"configuration error: {exc}")
-        return ExitCode.CONFIG
-    except BackhaulError as exc:
-        _err(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        _err("interrupted; nothing partial is kept on the collector")
-        return ExitCode.FAILED
+
+def _interrupted() -> int:
+    print_error(PROG, "interrupted; nothing partial is kept on the collector")
+    return ExitCode.FAILED
+
+
+def _command(args: argparse.Namespace) -> int:
+    config = load_agent_config(args.config)
+    if args.command == "check-config":
+        print(f"{args.config}: OK ({len(config.sources)} source(s))")
+        return ExitCode.OK
+    stderr_level = logging.INFO if args.verbose else None
+    setup_logging(PROG, config.log_dir, use_syslog=config.syslog, stderr_level=stderr_level)
+    keep_freed_memory()
+    if args.command == "run":
+        return asyncio.run(_run(config, args.grace, args.stop_timeout, stderr_level))
+    if args.command == "restore":
+        from agent.restore import RestoreRequest
+
+        request = RestoreRequest(args.database, args.source, args.date, args.into, args.force)
+        return asyncio.run(_restore(config, request))
+    if args.command == "drill":
+        return asyncio.run(_drill(config, args.database, args.source))
+    return asyncio.run(_backup(config, args.source, args.database))
 
 
 async def _backup(config: AgentConfig, source: str | None, database: str | None) -> int:

@@ -20,8 +20,9 @@ from collector import inventory, prune
 from collector.config import CollectorConfig, load_collector_config
 from collector.outcomes import FanOut
 from collector.server import CollectorServer, make_context
-from common.errors import BackhaulError, ConfigError, ExitCode
-from common.logsetup import SafeFormatter, escape_control, setup_logging
+from common.cli import run_command
+from common.errors import ConfigError, ExitCode
+from common.logsetup import SafeFormatter, setup_logging
 from common.memory import keep_freed_memory
 
 PROG = "backhaul-collector"
@@ -60,33 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _err(message: str) -> None:
-    print(f"{PROG}: {escape_control(message)}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        config = load_collector_config(args.config)
-        if args.command == "check-config":
-            print(f"{args.config}: OK ({len(config.agents)} agent(s))")
-            return ExitCode.OK
-        operation: Operation | None = getattr(args, "operation", None)
-        if operation is not None:
-            return operation(config, args)
-        setup_logging(PROG, config.log.dir, use_syslog=config.log.syslog,
-                      level=getattr(logging, config.log.level.upper()),
-                      stderr_level=logging.INFO if args.verbose else logging.ERROR)
-        keep_freed_memory()
-        return asyncio.run(serve(config))
-    except ConfigError as exc:
-        _err(f"configuration error: {exc}")
-        return ExitCode.CONFIG
-    except BackhaulError as exc:
-        _err(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
+    return run_command(PROG, lambda: _command(args), on_interrupt=lambda: ExitCode.OK)
+
+
+def _command(args: argparse.Namespace) -> int:
+    config = load_collector_config(args.config)
+    if args.command == "check-config":
+        print(f"{args.config}: OK ({len(config.agents)} agent(s))")
         return ExitCode.OK
+    operation: Operation | None = getattr(args, "operation", None)
+    if operation is not None:
+        return operation(config, args)
+    setup_logging(PROG, config.log.dir, use_syslog=config.log.syslog,
+                  level=getattr(logging, config.log.level.upper()),
+                  stderr_level=logging.INFO if args.verbose else logging.ERROR)
+    keep_freed_memory()
+    return asyncio.run(serve(config))
 
 
 async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = None,
