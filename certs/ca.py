@@ -24,16 +24,10 @@ from pathlib import Path
 
 import asyncssh
 
+from common.certificates import CertificateInfo, format_time
 from common.errors import ConfigError
-from common.identity import (
-    CertificateInfo,
-    RevocationEntry,
-    RevocationList,
-    format_time,
-    is_valid_agent_name,
-    key_fp,
-    load_public_key,
-)
+from common.identity import is_valid_agent_name, key_fp, load_public_key
+from common.revocation import RevocationEntry, RevocationList
 
 CA_KEY = "ca_key"
 CA_PUBLIC_KEY = "ca_key.pub"

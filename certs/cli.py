@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from certs import ca
+from common.certificates import format_time
 from common.errors import BackhaulError, ConfigError, ExitCode
-from common.identity import RevocationEntry, format_time, key_fp, load_public_key
+from common.identity import key_fp, load_public_key
+from common.revocation import RevocationEntry
 
 PROG = "backhaul-certs"
 

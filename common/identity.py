@@ -1,4 +1,4 @@
-"""Who is on the other end of an SSH connection: agent identities, host trust, revocation.
+"""Who is on the other end of an SSH connection: agent identities and host trust.
 
 Collector side, :class:`AgentAuthenticator` decides which agent a connection belongs to.
 An agent proves its identity with either
@@ -7,8 +7,8 @@ An agent proves its identity with either
 * a user certificate signed by the Backhaul SSH CA whose principals include its name.
 
 In both cases the SSH username must be the agent's name. Keys and certificates named in
-the revocation list (format below) are refused, and so are expired or not-yet-valid
-certificates and certificates without principals.
+the revocation list (:mod:`common.revocation`) are refused, and so are expired or
+not-yet-valid certificates and certificates without principals.
 
 How certificate revocation is enforced with asyncssh: asyncssh hands
 ``SSHServer.validate_ca_key`` only the signing key, never the certificate, so its serial,
@@ -22,16 +22,6 @@ refuses every certificate instead of ignoring the revocation list.
 :meth:`AgentAuthenticator.agent_for` checks the list again, so a connection opened before
 a revocation cannot start new work after it.
 
-Revocation list: UTF-8 text, one entry per line, ``#`` starts a comment::
-
-    key SHA256:<base64>      a public key: an agent key, a certificate's key or a CA key
-    serial <decimal>         certificates with this serial number (issued by our CA)
-    key-id <id>              certificates with this key id
-
-Any entry may end with ``from <yyyy-mm-ddThh:mm:ssZ>``: it takes effect at that UTC time,
-which gives a rotated key a grace period. The collector re-reads the file when it changes;
-a file it cannot read or parse refuses every agent until it is fixed.
-
 Agent side, :func:`known_hosts_for` builds the host trust ``asyncssh.connect`` takes.
 """
 
@@ -40,276 +30,30 @@ from __future__ import annotations
 import base64
 import contextvars
 import dataclasses
-import datetime
 import ipaddress
 import logging
 import re
-import struct
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
 import asyncssh
-from asyncssh.public_key import (
-    SSHOpenSSHCertificate,
-    decode_ssh_certificate,
-    decode_ssh_public_key,
-)
+from asyncssh.public_key import decode_ssh_certificate, decode_ssh_public_key
 
+from common.certificates import CertificateInfo, format_time
 from common.errors import ConfigError, TransportError
+from common.revocation import RevocationSource
 
 logger = logging.getLogger(__name__)
 
-USER_CERT = 1
-HOST_CERT = 2
-
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
-_KEY_ID = re.compile(r"[^\s#]{1,256}")
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_YEAR_10000 = 253_402_300_800
 
 
 def is_valid_agent_name(name: str) -> bool:
     """Return whether ``name`` may name an agent (and so a folder on the collector)."""
     return _AGENT_NAME.fullmatch(name) is not None
-
-
-def format_time(timestamp: int) -> str:
-    """Format epoch seconds the way the revocation list and ``show`` print them.
-
-    Times past the year 9999 (``ssh-keygen -V always:forever`` uses 2**64 - 1) print
-    as ``forever``.
-    """
-    if timestamp >= _YEAR_10000:
-        return "forever"
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
-    return moment.strftime(_TIME_FORMAT)
-
-
-def parse_time(text: str) -> int:
-    """Parse ``yyyy-mm-ddThh:mm:ssZ``; raises ValueError."""
-    moment = datetime.datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=datetime.UTC)
-    return int(moment.timestamp())
-
-
-# --- certificates -----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CertificateInfo:
-    """The fields of an OpenSSH certificate that policy and people care about."""
-
-    kind: Literal["user", "host"]
-    key_id: str
-    serial: int
-    principals: tuple[str, ...]
-    valid_after: int
-    valid_before: int
-    key_fingerprint: str
-    ca_fingerprint: str
-
-    @classmethod
-    def from_certificate(cls, cert: asyncssh.SSHCertificate) -> CertificateInfo:
-        """Read a certificate asyncssh has decoded (and whose signature it checked).
-
-        asyncssh keeps serial, type, key id and validity private, so they are read from
-        the certificate's wire form (OpenSSH PROTOCOL.certkeys). The key-specific fields
-        in the middle are exactly the subject key's own wire fields, which is how they
-        are skipped for any key type. Raises ValueError for X.509 or malformed data.
-        """
-        if not isinstance(cert, SSHOpenSSHCertificate):
-            raise ValueError("not an OpenSSH certificate")
-        data = cert.public_data
-        try:
-            offset = _skip_string(data, _skip_string(data, 0))  # algorithm, nonce
-            key_data = cert.key.public_data
-            offset += len(key_data) - _skip_string(key_data, 0)
-            serial, cert_type = struct.unpack_from(">QI", data, offset)
-            key_id, offset = _read_string(data, offset + 12)
-            packed_principals, offset = _read_string(data, offset)
-            valid_after, valid_before = struct.unpack_from(">QQ", data, offset)
-            offset += 16
-            for _ in range(3):  # critical options, extensions, reserved
-                offset = _skip_string(data, offset)
-            signing_key, offset = _read_string(data, offset)
-        except struct.error:
-            raise ValueError("truncated certificate") from None
-        principals = tuple(_unpack_strings(packed_principals))
-        if signing_key != cert.signing_key.public_data or principals != tuple(cert.principals):
-            raise ValueError("certificate fields do not match its decoded form")
-        if cert_type not in (USER_CERT, HOST_CERT):
-            raise ValueError(f"unknown certificate type {cert_type}")
-        return cls(
-            kind="user" if cert_type == USER_CERT else "host",
-            key_id=key_id.decode("utf-8"),
-            serial=serial,
-            principals=principals,
-            valid_after=valid_after,
-            valid_before=valid_before,
-            key_fingerprint=cert.key.get_fingerprint("sha256"),
-            ca_fingerprint=cert.signing_key.get_fingerprint("sha256"),
-        )
-
-    def is_current(self, now: float) -> bool:
-        """Return whether ``now`` lies inside the validity window."""
-        return self.valid_after <= now < self.valid_before
-
-
-def _read_string(data: bytes, offset: int) -> tuple[bytes, int]:
-    (length,) = struct.unpack_from(">I", data, offset)
-    end = offset + 4 + length
-    if end > len(data):
-        raise ValueError("truncated certificate")
-    return data[offset + 4 : end], end
-
-
-def _skip_string(data: bytes, offset: int) -> int:
-    return _read_string(data, offset)[1]
-
-
-def _unpack_strings(data: bytes) -> Iterable[str]:
-    offset = 0
-    while offset < len(data):
-        value, offset = _read_string(data, offset)
-        yield value.decode("utf-8")
-
-
-# --- revocation list ----------------------------------------------------------------
-
-RevocationKind = Literal["key", "serial", "key-id"]
-_KINDS: tuple[RevocationKind, ...] = ("key", "serial", "key-id")
-
-
-@dataclasses.dataclass(frozen=True)
-class RevocationEntry:
-    """One line of the revocation list; ``effective`` is when it starts to apply."""
-
-    kind: RevocationKind
-    value: str
-    effective: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind == "key" and not _FINGERPRINT.fullmatch(self.value):
-            raise ValueError(f"not a SHA256 key fingerprint: {self.value!r}")
-        if self.kind == "serial" and not (
-            self.value.isdigit() and self.value.isascii() and int(self.value) < 2**64
-        ):
-            raise ValueError(f"not a certificate serial number: {self.value!r}")
-        if self.kind == "key-id" and not _KEY_ID.fullmatch(self.value):
-            raise ValueError(f"not a usable key id: {self.value!r}")
-
-    def format(self) -> str:
-        """Return the entry as a line of the revocation list (without newline)."""
-        line = f"{self.kind} {self.value}"
-        return line if self.effective is None else f"{line} from {format_time(self.effective)}"
-
-    def applies(self, now: float) -> bool:
-        """Return whether the entry is in force at ``now``."""
-        return self.effective is None or now >= self.effective
-
-
-@dataclasses.dataclass(frozen=True)
-class RevocationList:
-    """A parsed revocation list."""
-
-    entries: tuple[RevocationEntry, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str, source: str = "<revocation list>") -> RevocationList:
-        """Parse the text format; raises ConfigError naming ``source`` and the line."""
-        entries = []
-        for number, raw in enumerate(text.splitlines(), start=1):
-            words = raw.split("#", 1)[0].split()
-            if not words:
-                continue
-            try:
-                entries.append(_parse_entry(words))
-            except ValueError as exc:
-                raise ConfigError(f"{source}, line {number}: {exc}") from None
-        return cls(tuple(entries))
-
-    @classmethod
-    def load(cls, path: Path) -> RevocationList:
-        """Read and parse ``path``; raises ConfigError if it is unreadable or malformed."""
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read revocation list {path}: {exc}") from None
-        return cls.parse(text, str(path))
-
-    def revokes_key(self, fingerprint: str, now: float) -> bool:
-        """Return whether a key with this SHA256 fingerprint is revoked at ``now``."""
-        return self._match("key", fingerprint, now)
-
-    def revokes_certificate(self, info: CertificateInfo, now: float) -> bool:
-        """Return whether the certificate, its key or its CA is revoked at ``now``."""
-        return (
-            self._match("serial", str(info.serial), now)
-            or self._match("key-id", info.key_id, now)
-            or self._match("key", info.key_fingerprint, now)
-            or self._match("key", info.ca_fingerprint, now)
-        )
-
-    def _match(self, kind: RevocationKind, value: str, now: float) -> bool:
-        return any(e.kind == kind and e.value == value and e.applies(now) for e in self.entries)
-
-
-def _parse_entry(words: list[str]) -> RevocationEntry:
-    effective = None
-    if len(words) == 4 and words[2] == "from":
-        try:
-            effective = parse_time(words[3])
-        except ValueError:
-            raise ValueError(f"bad time {words[3]!r}; expected yyyy-mm-ddThh:mm:ssZ") from None
-    elif len(words) != 2:
-        raise ValueError("expected '<key|serial|key-id> <value> [from <time>]'")
-    for kind in _KINDS:
-        if words[0] == kind:
-            return RevocationEntry(kind, words[1], effective)
-    raise ValueError(f"unknown entry type {words[0]!r}; expected key, serial or key-id")
-
-
-class _RevocationSource:
-    """The revocation list file, re-read whenever it changes on disk."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._path = path
-        self._signature: tuple[int, int, int] | None = None
-        self._list: RevocationList | None = RevocationList()
-        if path is not None:
-            self._signature = _file_signature(path)
-            self._list = RevocationList.load(path)
-
-    def current(self) -> RevocationList | None:
-        """Return the list in force, or None when it cannot be read (refuse everyone)."""
-        if self._path is None:
-            return self._list
-        try:
-            signature = _file_signature(self._path)
-        except ConfigError as exc:
-            logger.error("%s; refusing every agent until it is readable", exc)
-            self._signature, self._list = None, None
-            return None
-        if signature != self._signature:
-            self._signature = signature
-            try:
-                self._list = RevocationList.load(self._path)
-                logger.info("revocation list %s re-read", self._path)
-            except ConfigError as exc:
-                logger.error("%s; refusing every agent until it is fixed", exc)
-                self._list = None
-        return self._list
-
-
-def _file_signature(path: Path) -> tuple[int, int, int]:
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise ConfigError(f"cannot read revocation list {path}: {exc}") from None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 # --- collector side -----------------------------------------------------------------
@@ -370,7 +114,7 @@ class AgentAuthenticator:
             self._ca_key, self._ca_fingerprint = ca_key.public_data, key_fp(ca_key)
         if not self._agent_keys and self._ca_key is None:
             raise ConfigError("no agent can authenticate: list agents or give a CA key")
-        self._revocations = _RevocationSource(revocation_list)
+        self._revocations = RevocationSource(revocation_list)
         self._identities: weakref.WeakKeyDictionary[asyncssh.SSHServerConnection, AgentIdentity] = (
             weakref.WeakKeyDictionary()
         )

@@ -62,10 +62,11 @@ from common.frames import (
     FrameType,
     encode_frame,
 )
-from common.identity import RevocationEntry, key_fp, known_hosts_for
+from common.identity import key_fp, known_hosts_for
 from common.logsetup import setup_logging
 from common.naming import encode_database
 from common.protocol import SUBSYSTEM
+from common.revocation import RevocationEntry
 
 pytestmark = pytest.mark.integration
 

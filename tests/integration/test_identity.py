@@ -14,7 +14,8 @@ import pytest
 
 from certs import ca
 from common.errors import TransportError
-from common.identity import AgentAuthenticator, RevocationEntry, key_fp, known_hosts_for
+from common.identity import AgentAuthenticator, key_fp, known_hosts_for
+from common.revocation import RevocationEntry
 
 pytestmark = pytest.mark.integration
 

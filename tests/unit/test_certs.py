@@ -15,17 +15,10 @@ import asyncssh
 import pytest
 
 from certs import ca, cli
+from common.certificates import CertificateInfo, format_time, parse_time
 from common.errors import ConfigError, ExitCode
-from common.identity import (
-    AgentAuthenticator,
-    CertificateInfo,
-    RevocationEntry,
-    RevocationList,
-    format_time,
-    key_fp,
-    known_hosts_for,
-    parse_time,
-)
+from common.identity import AgentAuthenticator, key_fp, known_hosts_for
+from common.revocation import RevocationEntry, RevocationList
 
 FP = "SHA256:" + "A" * 43
 OTHER_FP = "SHA256:" + "B" * 43
