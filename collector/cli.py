@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from collector import inventory, prune
+from collector import inventory, listing, prune, storage, verify_status
 from collector.config import CollectorConfig, load_collector_config
 from collector.outcomes import FanOut
 from collector.server import CollectorServer, make_context
@@ -45,11 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     pruning.add_argument("--show-kept", action="store_true", help="list kept backups and why")
     pruning.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
     pruning.set_defaults(operation=_prune)
-    listing = sub.add_parser("list", help="print the stored backups")
-    listing.add_argument("--config", type=Path, required=True, help="path to collector.toml")
-    listing.add_argument("--agent", help="only this agent")
-    listing.add_argument("--database", help="only this database")
-    listing.set_defaults(operation=_list)
+    lister = sub.add_parser("list", help="print the stored backups")
+    lister.add_argument("--config", type=Path, required=True, help="path to collector.toml")
+    lister.add_argument("--agent", help="only this agent")
+    lister.add_argument("--database", help="only this database")
+    lister.set_defaults(operation=_list)
     verifying = sub.add_parser("verify", help="re-hash stored backups against their manifests")
     verifying.add_argument("--config", type=Path, required=True, help="path to collector.toml")
     scope = verifying.add_mutually_exclusive_group(required=True)
@@ -136,7 +136,7 @@ def _file_logging(config: CollectorConfig, stderr_level: int | None) -> None:
 def _known_agent(config: CollectorConfig, agent: str | None) -> None:
     if agent is None:
         return
-    inventory.check_agent_name(agent)
+    storage.check_agent_name(agent)
     if config.agent(agent) is None and not (config.storage.root / agent).is_dir():
         raise ConfigError(f"--agent {agent!r} is neither in {config.source} nor in the store")
 
@@ -168,10 +168,10 @@ def _list(config: CollectorConfig, args: argparse.Namespace) -> int:
     if not entries:
         print("no backups found")
         return ExitCode.OK
-    rows = inventory.listing_rows(entries, inventory.load_status_or_warn(root),
-                                  config.storage.timezone)
-    print(inventory.render_table(inventory.LIST_HEADERS, rows, right=[3]))
-    total = inventory.human_size(inventory.total_size(entries))
+    rows = listing.listing_rows(entries, verify_status.load_status_or_warn(root),
+                                config.storage.timezone)
+    print(listing.render_table(listing.LIST_HEADERS, rows, right=[3]))
+    total = listing.human_size(listing.total_size(entries))
     print(f"{len(entries)} backup(s), {total}")
     return ExitCode.OK
 
@@ -183,7 +183,7 @@ def _verify(config: CollectorConfig, args: argparse.Namespace) -> int:
     _file_logging(config, logging.INFO if args.verbose else None)
     scope = inventory.Scope(args.agent, args.database)
     run = inventory.verify_store(config.storage.root, scope, config.storage.max_expansion,
-                                 progress=lambda check: print(inventory.format_check(check)))
+                                 progress=lambda check: print(listing.format_check(check)))
     print(f"{len(run.checks)} backup(s) checked, {len(run.mismatches)} mismatch(es)")
     return ExitCode.INTEGRITY if run.mismatches else ExitCode.OK
 

@@ -32,18 +32,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from collector.config import CollectorConfig
-from collector.inventory import (
-    Entry,
-    agent_folders,
-    counts_as_verified,
-    file_lock,
-    load_status_or_warn,
-    render_table,
-    scan,
-    started_at,
-)
+from collector.inventory import Entry, agent_folders, scan
+from collector.listing import counts_as_verified, render_table, started_at
 from collector.retention import Backup, RetentionPlan, plan
 from collector.storage import fsync_dir
+from collector.verify_status import file_lock, load_status_or_warn
 from common.errors import ConfigError
 from common.naming import MANIFEST_SUFFIX
 

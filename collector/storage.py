@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from common.errors import StorageError
+from common.errors import ConfigError, StorageError
 from common.naming import (
     MANIFEST_SUFFIX,
     TEMP_PREFIX,
@@ -46,6 +46,19 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_agent_name(name: str) -> None:
+    """Refuse an agent name that collector.toml would refuse (and any path trickery).
+
+    An agent name becomes a folder under the root, so a name given on the command line or
+    read from a file in the store must pass this before it is joined to a path.
+
+    Raises:
+        ConfigError: naming the option.
+    """
+    if not name or name[0] in ".-" or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"--agent {name!r} is not a valid agent name")
 
 
 def _storage_error(action: str, path: Path, exc: OSError) -> StorageError:
