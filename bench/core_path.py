@@ -32,14 +32,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
-import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,21 +45,41 @@ import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this folder is already on sys.path; imported by path, it may not be.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    HOST,
+    OUT_DIR,
+    REPO,
+    BenchError,
+    agent_toml,
+    collector_toml,
+    fmt,
+    free_port,
+    log,
+    machine_info,
+    median,
+    mib,
+    proc_cpu,
+    read_status_kib,
+    reset_peak_rss,
+    source_revision,
+    spawn_and_time,
+    stop_process,
+    tool_version,
+    wait_for_ssh_banner,
+    wait_no_children,
+)
+
 INTEGRATION = REPO / "tests" / "integration"
-OUT_DIR = Path(__file__).resolve().parent / "out"
 AGENT_NAME = "bench"
 SOURCE_NAME = "main"
-HOST = "127.0.0.1"
-POLL = 0.02
-MIB = 1024 * 1024
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SBIN_PATH = os.pathsep.join(
     [os.environ.get("PATH", os.defpath), "/usr/sbin", "/usr/local/sbin", "/sbin"]
 )
@@ -85,110 +102,7 @@ def method_label(method: str, variant: list[str]) -> str:
     return METHODS[method]
 
 
-class BenchError(RuntimeError):
-    """A prerequisite is missing or a step failed; the message says which."""
-
-
 # -- small helpers ------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_ssh_banner(port: int, proc: subprocess.Popen[bytes], what: str,
-                        timeout: float = 30.0) -> None:
-    """Wait until ``port`` answers with an SSH banner; fail early if ``proc`` died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited with status {proc.returncode} while starting")
-        try:
-            with socket.create_connection((HOST, port), timeout=2) as sock:
-                if sock.recv(64).startswith(b"SSH-"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"{what} did not answer on {HOST}:{port} within {timeout:.0f} s")
-
-
-def read_status_kib(pid: int, key: str) -> int | None:
-    """A ``kB`` field of /proc/<pid>/status (None once the process is gone or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return None
-    return None
-
-
-def reset_peak_rss(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, owner only)."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def proc_cpu(pid: int) -> tuple[float, float]:
-    """(own user+system seconds, reaped children's user+system seconds) of ``pid``."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0, 0.0
-    fields = text.rsplit(")", 1)[1].split()
-    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    children = (int(fields[13]) + int(fields[14])) / CLK_TCK
-    return own, children
-
-
-def child_pids(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(text.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def wait_no_children(pid: int, timeout: float = 10.0) -> None:
-    """Wait until ``pid`` has reaped all its children (their CPU then counts in cutime)."""
-    deadline = time.monotonic() + timeout
-    while child_pids(pid) and time.monotonic() < deadline:
-        time.sleep(POLL)
-
-
-def tool_version(cmd: list[str]) -> str:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-    except OSError:
-        return "not found"
-    text = (done.stdout or done.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
-
-
-def mib(kib: int | None) -> float | None:
-    return None if kib is None else kib / 1024
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def load_helpers() -> tuple[ModuleType, ModuleType, ModuleType]:
@@ -214,59 +128,6 @@ def console_script(name: str, module: str) -> list[str]:
 
 
 # -- the processes under test ---------------------------------------------------------------
-
-
-@dataclass
-class Timed:
-    """One finished child: wall time, exit status, CPU and peak-memory figures."""
-
-    seconds: float
-    returncode: int
-    cpu_s: float  # user + system of the child and everything it reaped
-    ru_maxrss_kib: int
-    hwm_kib: int | None  # last VmHWM sampled from /proc before exit
-    child_hwm_kib: dict[str, int] = field(default_factory=dict)  # VmHWM of its children
-
-
-def spawn_and_time(cmd: list[str], *, env: dict[str, str] | None, stdout: Path,
-                   stderr: Path) -> Timed:
-    """Run ``cmd`` to its end, polling its VmHWM (and its children's) while it runs."""
-    children: dict[int, tuple[str, int]] = {}
-    hwm: int | None = None
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
-        polls = 0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                seconds = time.perf_counter() - start
-                break
-            value = read_status_kib(proc.pid, "VmHWM")
-            if value is not None:
-                hwm = value
-            if polls % 10 == 0:
-                _sample_children(proc.pid, children)
-            polls += 1
-            time.sleep(POLL)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    per_name: dict[str, int] = {}
-    for name, value in children.values():
-        per_name[name] = max(per_name.get(name, 0), value)
-    return Timed(seconds, proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
-                 hwm, per_name)
-
-
-def _sample_children(pid: int, seen: dict[int, tuple[str, int]]) -> None:
-    for child in child_pids(pid):
-        value = read_status_kib(child, "VmHWM")
-        if value is None:
-            continue
-        try:
-            name = Path(f"/proc/{child}/comm").read_text().strip()
-        except OSError:
-            continue
-        seen[child] = (name, max(value, seen.get(child, (name, 0))[1]))
 
 
 class Sshd:
@@ -338,17 +199,6 @@ class Sshd:
 
     def stop(self) -> None:
         stop_process(self.proc)
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # -- the benchmark ----------------------------------------------------------------------
@@ -440,23 +290,10 @@ class Bench:
         self.store = self.tmp / "store"
         self.collector_port = free_port()
         self.collector_config = self.tmp / "collector.toml"
-        self.collector_config.write_text(textwrap.dedent(f"""\
-            [server]
-            listen = "{HOST}:{self.collector_port}"
-            host_key = "{self.host_key}"
-
-            [storage]
-            root = "{self.store}"
-            timezone = "UTC"
-
-            [log]
-            dir = "{self.tmp / 'collector-logs'}"
-            syslog = false
-
-            [[agents]]
-            name = "{AGENT_NAME}"
-            public_key = "{self.agent_key}.pub"
-            """))
+        self.collector_config.write_text(collector_toml(
+            port=self.collector_port, host_key=self.host_key, store=self.store,
+            log_dir=self.tmp / "collector-logs", agent=AGENT_NAME, agent_key=self.agent_key,
+        ))
         self.agent_config = self.write_agent_config(self.tmp / "agent.toml", [])
         self.variant_config = self.write_agent_config(self.tmp / "agent-variant.toml",
                                                       self.args.variant)
@@ -486,20 +323,10 @@ class Bench:
             self.server.port, json.dumps([self.database]), password_file=self.password_file,
             name=SOURCE_NAME, user=self.server.root_user, extra=extra,
         )
-        path.write_text(textwrap.dedent(f"""\
-            [agent]
-            name = "{AGENT_NAME}"
-
-            [collector]
-            address = "{HOST}:{self.collector_port}"
-            host_key = "{self.host_key}.pub"
-            client_key = "{self.agent_key}"
-            connect_timeout = 10
-
-            [log]
-            dir = "{self.tmp / 'agent-logs'}"
-            syslog = false
-            """) + source)
+        head = agent_toml(port=self.collector_port, host_key=self.host_key,
+                          client_key=self.agent_key, log_dir=self.tmp / "agent-logs",
+                          agent=AGENT_NAME)
+        path.write_text(head + source)
         return path
 
     def start_sshd(self) -> None:
@@ -567,7 +394,9 @@ class Bench:
                    str(config), "--database", self.database]
         else:
             cmd = self._shell(self._baseline_script(method))
-        timed = spawn_and_time(cmd, env=None, stdout=out, stderr=err)
+        with out.open("wb") as out_fh, err.open("wb") as err_fh:
+            timed = spawn_and_time(cmd, env=None, stdout=out_fh, stderr=err_fh,
+                                   sample_children=True)
         if timed.returncode != 0:
             raise BenchError(f"method {method} ({METHODS[method]}) exited with status "
                              f"{timed.returncode}: {err.read_text()[-2000:].strip()}")
@@ -678,10 +507,12 @@ class Bench:
         time.sleep(1.0)
         agent_cmd = [*console_script("backhaul-agent", "agent.cli"), "backup", "--config",
                      str(self.agent_config), "--database", self.database]
-        timed = spawn_and_time(
-            [spy, *common, "--output", str(files["agent"]), "--", *agent_cmd], env=None,
-            stdout=self.tmp / "py-spy-agent.out", stderr=self.tmp / "py-spy-agent.err",
-        )
+        with (self.tmp / "py-spy-agent.out").open("wb") as out, \
+                (self.tmp / "py-spy-agent.err").open("wb") as err:
+            timed = spawn_and_time(
+                [spy, *common, "--output", str(files["agent"]), "--", *agent_cmd], env=None,
+                stdout=out, stderr=err, sample_children=True,
+            )
         watcher.send_signal(signal.SIGINT)
         try:
             watcher.wait(timeout=60)
@@ -754,7 +585,8 @@ class Bench:
             "args": {"size_gb": self.args.size_gb, "repeat": self.args.repeat,
                      "methods": self.args.methods, "variant": self.args.variant},
             "labels": {m: method_label(m, self.args.variant) for m in self.args.methods},
-            "machine": machine_info(load_before),
+            "machine": {**machine_info(load_before, tool_versions()),
+                        "source": source_revision()},
             "source_at_start": self.source_before,
             "dataset": self.dataset,
             "elapsed_timed_s": round(elapsed, 1),
@@ -829,57 +661,21 @@ def _short_frame(frame: str) -> str:
     return f"{name} ({module})" if module else name
 
 
-def machine_info(load_before: tuple[float, float, float]) -> dict[str, Any]:
+def tool_versions() -> dict[str, str]:
+    """Versions of what the methods run, for the report's machine section."""
     import asyncssh
     import zstandard
 
     return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
         "asyncssh": asyncssh.__version__,
         "zstandard": zstandard.__version__,
         "mariadb_dump": tool_version(["mariadb-dump", "--version"]),
         "zstd": tool_version(["zstd", "--version"]),
         "ssh": tool_version(["ssh", "-V"]),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-        "source": source_revision(),
     }
 
 
-def source_revision() -> dict[str, Any]:
-    """The commit under test and the files that differ from it (read-only git calls)."""
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(["git", "--no-optional-locks", "-C", str(REPO), *args],
-                                  capture_output=True, text=True, timeout=30, check=False)
-        except OSError:
-            return ""
-        return done.stdout.rstrip("\n") if done.returncode == 0 else ""
-
-    changed = [line[3:] for line in git("status", "--porcelain").splitlines()
-               if not line[3:].startswith("bench/")]
-    return {"commit": git("rev-parse", "HEAD") or None, "changed_files": changed,
-            "code_fingerprint": code_fingerprint()}
-
-
-def code_fingerprint() -> str:
-    """Names, sizes and mtimes of the package's sources: changes if anyone edits them."""
-    entries = []
-    for package in ("agent", "collector", "common"):
-        for path in sorted((REPO / package).rglob("*.py")):
-            with contextlib.suppress(OSError):
-                stat = path.stat()
-                entries.append(f"{path.relative_to(REPO)}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
-
-
 # -- report ---------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -911,7 +707,7 @@ def print_report(result: dict[str, Any]) -> None:
         label = METHODS[method]
         print(f"{method + ' ' + label:<36}{row['median_s']:>9.2f}{row['min_s']:>8.2f}"
               f"{row['max_s']:>8.2f}{row['sql_mb_per_s']:>10.1f}"
-              f"{_fmt(None if compressed is None else compressed / 1e6, '.1f'):>9}"
+              f"{fmt(None if compressed is None else compressed / 1e6, '.1f'):>9}"
               f"{row['cpu_local_s']:>11.1f}{row['cpu_server_side_s']:>9.1f}"
               f"{row['cpu_mariadbd_s']:>8.1f}")
     print("(medians of CPU seconds: local = the command's own process tree; srv = collector or"
@@ -947,7 +743,7 @@ def print_report(result: dict[str, Any]) -> None:
               " (includes the dump tool if it was larger)")
         print(f"{method}: mariadb-dump peak RSS:         {stats(mem['dump_tool_hwm_mib'])}")
         print(f"{method}: collector peak RSS ({scope}): {stats(mem['collector_hwm_mib'])}; "
-              f"idle {_fmt(memory['collector_idle_rss_mib'], '.1f')} MiB")
+              f"idle {fmt(memory['collector_idle_rss_mib'], '.1f')} MiB")
     print()
     for target in result["targets"]:
         verdict = "PASS" if target["pass"] else "FAIL"

@@ -42,10 +42,8 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,16 +55,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
-REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this folder is already on sys.path; imported by path, it may not be.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    OUT_DIR,
+    REPO,
+    BenchError,
+    Timed,
+    agent_toml,
+    collector_toml,
+    fmt,
+    free_port,
+    log,
+    machine_info,
+    median,
+    proc_cpu,
+    spawn_and_time,
+    stop_process,
+    wait_for_ssh_banner,
+)
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
-HOST = "127.0.0.1"
 DATABASE = "bench"
 AGENT_NAME = "bench"
-MIB = 1024 * 1024
-POLL = 0.02
 TARGET_RATIO = 0.8
 TARGET_RSS_MIB = 80.0
 METHODS = {
@@ -76,42 +89,6 @@ METHODS = {
     "P": "pipeline (dump+gzip+sha256, discard)",
     "A": "agent -> collector (gzip, SSH)",
 }
-
-
-class BenchError(RuntimeError):
-    """A prerequisite is missing or a step failed; the message says which."""
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def read_status_kib(pid: int, key: str) -> int | None:
-    """A ``kB`` field of /proc/<pid>/status (None once the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return None
-    return None
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system seconds of a live process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the data ------------------------------------------------------------------------------
@@ -313,40 +290,20 @@ def child_pipeline(uri: str, level: int | None) -> None:
 
 @dataclass
 class Child:
-    seconds: float
-    returncode: int
+    """A finished child process and what it printed."""
+
+    timed: Timed
     stdout: str
     stderr: str
-    ru_maxrss_kib: int
-    hwm_kib: int | None
-    cpu_s: float
 
 
 def spawn(cmd: list[str], env: dict[str, str] | None = None) -> Child:
     """Run ``cmd`` to its end, sampling its VmHWM; wall time, output, peak memory."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
-        hwm: int | None = None
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            hwm = read_status_kib(proc.pid, "VmHWM") or hwm
-            time.sleep(POLL)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        timed = spawn_and_time(cmd, env=env, stdout=out, stderr=err)
         out.seek(0)
         err.seek(0)
-        return Child(
-            seconds,
-            proc.returncode,
-            out.read().decode(),
-            err.read().decode(),
-            usage.ru_maxrss,
-            hwm,
-            usage.ru_utime + usage.ru_stime,
-        )
+        return Child(timed, out.read().decode(), err.read().decode())
 
 
 # -- the real agent and collector for A ----------------------------------------------------
@@ -366,40 +323,26 @@ class Deployment:
         self.port = free_port()
         self.collector_config = root / "collector.toml"
         self.collector_config.write_text(
-            textwrap.dedent(f"""\
-            [server]
-            listen = "{HOST}:{self.port}"
-            host_key = "{host_key}"
-
-            [storage]
-            root = "{self.store}"
-            timezone = "UTC"
-
-            [log]
-            dir = "{root / "collector-logs"}"
-            syslog = false
-
-            [[agents]]
-            name = "{AGENT_NAME}"
-            public_key = "{agent_key}.pub"
-            """)
+            collector_toml(
+                port=self.port,
+                host_key=host_key,
+                store=self.store,
+                log_dir=root / "collector-logs",
+                agent=AGENT_NAME,
+                agent_key=agent_key,
+            )
         )
         self.agent_config = root / "agent.toml"
+        head = agent_toml(
+            port=self.port,
+            host_key=host_key,
+            client_key=agent_key,
+            log_dir=root / "agent-logs",
+            agent=AGENT_NAME,
+        )
         self.agent_config.write_text(
-            textwrap.dedent(f"""\
-            [agent]
-            name = "{AGENT_NAME}"
-
-            [collector]
-            address = "{HOST}:{self.port}"
-            host_key = "{host_key}.pub"
-            client_key = "{agent_key}"
-            connect_timeout = 10
-
-            [log]
-            dir = "{root / "agent-logs"}"
-            syslog = false
-
+            head
+            + textwrap.dedent(f"""
             [[sources]]
             name = "nx"
             engine = "mongodb"
@@ -429,38 +372,25 @@ class Deployment:
                 stderr=err,
                 cwd=REPO,
             )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.collector.poll() is not None:
-                raise BenchError(f"the collector exited: {self.collector_stderr.read_text()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=2) as sock:
-                    if sock.recv(64).startswith(b"SSH-"):
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise BenchError("the collector did not start listening within 30 s")
+        try:
+            wait_for_ssh_banner(self.port, self.collector, "the collector")
+        except BenchError as exc:
+            raise BenchError(f"{exc}: {self.collector_stderr.read_text()}") from None
 
     def backup(self) -> Child:
         child = spawn(
             [sys.executable, "-m", "agent.cli", "backup", "--config", str(self.agent_config)],
             env=_env(),
         )
-        if child.returncode != 0:
-            raise BenchError(f"backhaul-agent failed ({child.returncode}): {child.stderr}")
+        if child.timed.returncode != 0:
+            raise BenchError(f"backhaul-agent failed ({child.timed.returncode}): {child.stderr}")
         for path in list(self.store.rglob("*")):  # keep the disk and the names clean
             if path.is_file():
                 path.unlink()
         return child
 
     def stop(self) -> None:
-        if self.collector is not None and self.collector.poll() is None:
-            self.collector.terminate()
-            try:
-                self.collector.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.collector.kill()
-                self.collector.wait()
+        stop_process(self.collector)
 
 
 def _env() -> dict[str, str]:
@@ -515,9 +445,9 @@ class Bench:
             self.deployment.start()
 
     def measure(self, method: str, round_no: int) -> Run:
-        server_cpu = proc_cpu_s(self.server._process.pid)
+        server_cpu = proc_cpu(self.server._process.pid)[0]
         run = self._measure(method, round_no, self.server.uri)
-        run.server_cpu_s = proc_cpu_s(self.server._process.pid) - server_cpu
+        run.server_cpu_s = proc_cpu(self.server._process.pid)[0] - server_cpu
         return run
 
     def _measure(self, method: str, round_no: int, uri: str) -> Run:
@@ -540,7 +470,7 @@ class Bench:
                 [sys.executable, str(Path(__file__).resolve()), "--child-pipeline", uri, *level],
                 env=_env(),
             )
-            if child.returncode != 0:
+            if child.timed.returncode != 0:
                 raise BenchError(f"the pipeline child failed: {child.stderr[-2000:]}")
             facts = json.loads(child.stdout.splitlines()[-1])
             return Run(
@@ -551,10 +481,10 @@ class Bench:
                 facts["document_bytes"],
                 facts["archive_bytes"],
                 facts["gzip_bytes"],
-                child.seconds,
-                child.ru_maxrss_kib,
-                child.hwm_kib,
-                child.cpu_s,
+                child.timed.seconds,
+                child.timed.ru_maxrss_kib,
+                child.timed.hwm_kib,
+                child.timed.cpu_s,
             )
         assert self.deployment is not None
         child = self.deployment.backup()
@@ -564,10 +494,10 @@ class Bench:
             agent_seconds(child.stdout),
             self.reference_documents(),
             self.reference_bytes(),
-            wall_seconds=child.seconds,
-            ru_maxrss_kib=child.ru_maxrss_kib,
-            hwm_kib=child.hwm_kib,
-            cpu_s=child.cpu_s,
+            wall_seconds=child.timed.seconds,
+            ru_maxrss_kib=child.timed.ru_maxrss_kib,
+            hwm_kib=child.timed.hwm_kib,
+            cpu_s=child.timed.cpu_s,
         )
 
     def reference_documents(self) -> int:
@@ -611,7 +541,7 @@ class Bench:
                 "archive_bytes": runs[0].archive_bytes,
                 "gzip_bytes": runs[0].gzip_bytes,
                 "peak_rss_mib": max((r.hwm_kib or 0) / 1024 for r in runs) or None,
-                "median_cpu_s": statistics.median(cpus) if cpus else None,
+                "median_cpu_s": median(cpus),
                 "ru_maxrss_mib": max((r.ru_maxrss_kib or 0) / 1024 for r in runs) or None,
                 "median_server_cpu_s": statistics.median(r.server_cpu_s or 0 for r in runs),
             }
@@ -651,13 +581,7 @@ class Bench:
                 "methods": self.args.methods,
                 "gzip_level": self.args.gzip_level,
             },
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "loadavg_before": load_before,
-                "loadavg_after": os.getloadavg(),
-            },
+            "machine": machine_info(load_before),
             "dataset": self.dataset,
             "summary": summary,
             "ratios": ratios,
@@ -693,7 +617,7 @@ def print_report(result: dict[str, Any]) -> None:
     )
     for method, row in result["summary"].items():
         peak = f"{row['peak_rss_mib']:.1f} MiB" if row["peak_rss_mib"] else "-"
-        cpu = f"{row['median_cpu_s']:.1f}" if row["median_cpu_s"] is not None else "-"
+        cpu = fmt(row["median_cpu_s"], ".1f")
         print(
             f"{method + ' ' + row['label']:<44}{row['median_s']:>9.2f}"
             f"{row['median_mb_per_s']:>8.1f}{row['min_mb_per_s']:>7.1f}"
