@@ -15,6 +15,7 @@ from pathlib import Path
 
 from certs import ca
 from common.certificates import format_time
+from common.cli import print_error
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.identity import key_fp, load_public_key
 from common.revocation import RevocationEntry
@@ -33,8 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command(args)
     except BackhaulError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print_error(PROG, f"error: {exc}")
         return exc.exit_code
+    except KeyboardInterrupt:
+        # Each key or certificate file is written whole or not at all (certs.ca).
+        print_error(PROG, "interrupted")
+        return ExitCode.FAILED
     return ExitCode.OK
 
 

@@ -488,3 +488,15 @@ def test_cli_usage_errors_exit_with_config_code(
     assert code == ExitCode.CONFIG
     assert "usage:" in err
     assert "Traceback" not in err
+
+
+def test_cli_ctrl_c_is_one_line_and_a_failure_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ca, "generate_key_pair", interrupted)
+    code, _, err = run_cli(capsys, "agent-key", "--name", "db1", "--dir", str(tmp_path))
+    assert code == ExitCode.FAILED
+    assert err == "backhaul-certs: interrupted\n"
