@@ -3,10 +3,11 @@
 A backup moves every byte through short-lived buffers of 256 KiB to 1 MiB (SSH packets,
 frames, compressed pieces). glibc's default trim threshold adapts to twice the largest
 freed block, so the top of the heap was given back (``brk``) and taken again, with a
-page fault and a zero-filled page for every 4 KiB, over and over: a third of the agent's
-main-thread CPU on a 1 GB backup (py-spy; 1.5 s down to 0.9 s with the thresholds fixed
-as below, `python bench/core_path.py`). Fixed thresholds keep up to ``TRIM_THRESHOLD``
-of free heap for the next buffers; peak memory stays what the buffers need.
+page fault and a zero-filled page for every 4 KiB, over and over (py-spy showed ``brk``
+under the SSH send path). On the 1 GB backup of ``bench/core_path.py`` the agent's main
+thread used 1.5 CPU-s, 0.9 with the thresholds fixed as below (its CPU time read from
+/proc). Fixed thresholds keep up to ``TRIM_THRESHOLD`` of free heap for the next
+buffers; peak memory stays what the buffers need (agent peak RSS 60 MiB either way).
 
 Only glibc has these knobs; elsewhere this does nothing.
 """
