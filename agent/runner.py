@@ -6,6 +6,7 @@ the run goes on with the next database. The run's result lists each database.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -161,16 +162,14 @@ class BackupRunner:
                 async with adapter.dump(database) as dump:
                     compressor = make_compressor(source.compression, source.compression_level,
                                                  threads=ZSTD_WORKERS)
+                    send = functools.partial(_send_data, channel)
+                    stall = source.stall_timeout
                     if isinstance(dump, PipeDump):  # read, compressed, hashed off the loop
-                        result = await pump(dump, compressor,
-                                            lambda data: _send_data(channel, data),
-                                            stall_timeout=source.stall_timeout,
+                        result = await pump(dump, compressor, send, stall_timeout=stall,
                                             progress=progress)
                     else:
-                        result = await run_pipeline(aiter(dump), compressor,
-                                                    lambda data: _send_data(channel, data),
-                                                    stall_timeout=source.stall_timeout,
-                                                    progress=progress)
+                        result = await run_pipeline(aiter(dump), compressor, send,
+                                                    stall_timeout=stall, progress=progress)
                     dump_meta = adapter.dump_metadata(dump)
             except DumpError as exc:
                 await self._abort(channel, str(exc),

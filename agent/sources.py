@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import SourceConfig
+from agent.pump import PipeDump
 from common.config import read_secret_file
 from common.errors import ConfigError, DumpError
 
@@ -39,8 +40,8 @@ class Preflight:
     warnings: tuple[str, ...] = ()
 
 
-class DumpStream(Protocol):
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
+# A dump tool's stdout pipe (MySQL), read by the pump; or chunks made in Python (MongoDB).
+DumpStream = PipeDump | AsyncIterable[bytes]
 
 
 class Adapter(Protocol):
@@ -147,8 +148,8 @@ class MySQLAdapter:
 class _BinlogWatch:
     """A MySQL dump that reads the binlog position again once the dump has ended.
 
-    Read when the stream is exhausted, so the dump tool has finished successfully; equal
-    positions before and after mean the server logged no write meanwhile.
+    Read in :meth:`finish`, once the dump tool has ended well; equal positions before
+    and after mean the server logged no write meanwhile.
     """
 
     def __init__(self, dump: MySQLDump, params: MySQLParams,
@@ -179,22 +180,6 @@ class _BinlogWatch:
 
     async def finish(self) -> None:
         await self._dump.finish()
-        if not self.after_read:
-            await self._read_after()
-
-    def __aiter__(self) -> _BinlogWatch:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            chunk = await self._dump.__anext__()
-        except StopAsyncIteration:
-            if not self.after_read:
-                await self._read_after()
-            raise
-        return chunk
-
-    async def _read_after(self) -> None:
         from agent.mysql_admin import binlog_position
 
         try:
