@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import sys
@@ -13,34 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import AgentRun
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def agent_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-async def run_cli(*args: str, timeout: float = 300) -> AgentRun:
-    """Run `backhaul-agent <args>` as a real process and wait for it."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=agent_env(),
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return AgentRun(proc.returncode, out.decode(), err.decode())
+from harness import LoopbackProxy, agent_env
 
 
 async def start_service(config: Path, output: Path, *args: str) -> asyncio.subprocess.Process:
@@ -126,23 +98,12 @@ def write_manifest(backup: Path, manifest: dict[str, Any]) -> None:
     path.write_text(json.dumps(manifest))
 
 
-class ThrottlingProxy:
+class ThrottlingProxy(LoopbackProxy):
     """A loopback TCP proxy passing at most ``rate`` bytes a second upstream."""
 
     def __init__(self, target_port: int, rate: int) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.rate = rate
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> ThrottlingProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -155,13 +116,8 @@ class ThrottlingProxy:
                 await asyncio.sleep(len(data) / self.rate)
             up_writer.write_eof()
 
-        async def downstream() -> None:
-            while data := await up_reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-
         try:
-            await asyncio.gather(upstream(), downstream())
+            await asyncio.gather(upstream(), self.copy(up_reader, writer))
         except (ConnectionError, OSError):
             pass
         finally:

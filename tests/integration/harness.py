@@ -12,6 +12,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from collector.cli import serve
 from collector.config import CollectorConfig, load_collector_config
@@ -151,6 +152,37 @@ async def running_collector(config_path: Path) -> AsyncIterator[tuple[CollectorC
         await asyncio.wait_for(task, 60)
 
 
+class LoopbackProxy:
+    """A TCP proxy on a free loopback port in front of ``target_port``.
+
+    Each subclass says in ``_handle`` what happens to a connection (throttled, cut,
+    rewritten); ``copy`` passes one direction through unchanged.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+
 @dataclass
 class AgentRun:
     returncode: int
@@ -158,19 +190,24 @@ class AgentRun:
     stderr: str
 
 
-async def run_agent(config: Path, *args: str, timeout: float = 300) -> AgentRun:
-    """Run `backhaul-agent backup` as a real process (its own interpreter)."""
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def agent_env() -> dict[str, str]:
+    """The environment of the agent as a real process: this checkout on its import path."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+async def run_cli(*args: str, timeout: float = 300) -> AgentRun:
+    """Run `backhaul-agent <args>` as a real process (its own interpreter) and wait for it."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "agent.cli",
-        "backup",
-        "--config",
-        str(config),
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        env=agent_env(),
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -180,6 +217,11 @@ async def run_agent(config: Path, *args: str, timeout: float = 300) -> AgentRun:
         raise
     assert proc.returncode is not None
     return AgentRun(proc.returncode, out.decode(), err.decode())
+
+
+async def run_agent(config: Path, *args: str, timeout: float = 300) -> AgentRun:
+    """Run `backhaul-agent backup` as a real process."""
+    return await run_cli("backup", "--config", str(config), *args, timeout=timeout)
 
 
 def stored_files(store: Path) -> list[Path]:

@@ -171,6 +171,19 @@ def table_checksums(server: MariaDBServer, database: str) -> dict[str, int]:
     return result
 
 
+def object_counts(server: MariaDBServer, database: str) -> dict[str, int]:
+    """How many routines, triggers, views and events ``database`` holds."""
+    counts = {}
+    for what, sql in {
+        "routines": "SELECT COUNT(*) FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA=%s",
+        "triggers": "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA=%s",
+        "views": "SELECT COUNT(*) FROM information_schema.VIEWS WHERE TABLE_SCHEMA=%s",
+        "events": "SELECT COUNT(*) FROM information_schema.EVENTS WHERE EVENT_SCHEMA=%s",
+    }.items():
+        counts[what] = int(server.query(sql, args=(database,))[0][0])
+    return counts
+
+
 # -- bulk data ------------------------------------------------------------------------------
 
 _BATCH_ROWS = 50_000

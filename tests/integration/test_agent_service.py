@@ -17,13 +17,12 @@ from agent_ops import (
     ThrottlingProxy,
     backups,
     password_file,
-    run_cli,
     start_service,
     stop_service,
     wait_for,
     wait_service,
 )
-from harness import Deployment, log_text, mysql_source, running_collector, stored_files
+from harness import Deployment, log_text, mysql_source, run_cli, running_collector, stored_files
 from mariadb_server import MariaDBServer
 
 pytestmark = pytest.mark.integration

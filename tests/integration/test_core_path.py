@@ -17,6 +17,7 @@ import pytest
 from agent_ops import password_file
 from harness import (
     Deployment,
+    LoopbackProxy,
     log_text,
     mysql_source,
     run_agent,
@@ -25,7 +26,7 @@ from harness import (
     stored_files,
 )
 from mariadb_server import MariaDBServer
-from sample_data import table_checksums
+from sample_data import object_counts, table_checksums
 
 pytestmark = pytest.mark.integration
 
@@ -43,18 +44,6 @@ def restore(server: MariaDBServer, backup: Path, into: str) -> None:
     )
     assert zstd.wait() == 0
     assert client.returncode == 0, client.stderr.decode()
-
-
-def routines_and_triggers(server: MariaDBServer, database: str) -> dict[str, int]:
-    counts = {}
-    for what, sql in {
-        "routines": "SELECT COUNT(*) FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA=%s",
-        "triggers": "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA=%s",
-        "views": "SELECT COUNT(*) FROM information_schema.VIEWS WHERE TABLE_SCHEMA=%s",
-        "events": "SELECT COUNT(*) FROM information_schema.EVENTS WHERE EVENT_SCHEMA=%s",
-    }.items():
-        counts[what] = int(server.query(sql, args=(database,))[0][0])
-    return counts
 
 
 def final_files(store: Path) -> list[Path]:
@@ -93,7 +82,7 @@ async def test_all_databases_round_trip_through_stock_restore(
         restored = f"restored_{database.replace('-', '_')}"
         restore(mariadb, backup, restored)
         assert table_checksums(mariadb, restored) == table_checksums(mariadb, database)
-        assert routines_and_triggers(mariadb, restored) == routines_and_triggers(mariadb, database)
+        assert object_counts(mariadb, restored) == object_counts(mariadb, database)
     tricky = json.loads(next((deployment.store / "db1" / "my-db").glob("*.json")).read_text())
     assert tricky["dump"]["non_innodb_tables"] == ["legacy_log"]
     assert tricky["dump"]["consistent_snapshot"] is False
@@ -282,23 +271,12 @@ async def test_database_killed_mid_dump_leaves_nothing(
     assert "agent aborted" in log_text(deployment.collector_logs)
 
 
-class CuttingProxy:
+class CuttingProxy(LoopbackProxy):
     """A loopback TCP proxy that drops both sides after ``limit`` bytes upstream."""
 
     def __init__(self, target_port: int, limit: int) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.limit = limit
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> CuttingProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -311,12 +289,7 @@ class CuttingProxy:
                 up_writer.write(data)
                 await up_writer.drain()
 
-        async def downstream() -> None:
-            while data := await up_reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-
-        down = asyncio.create_task(downstream())
+        down = asyncio.create_task(self.copy(up_reader, writer))
         await upstream()
         down.cancel()
         for w in (writer, up_writer):

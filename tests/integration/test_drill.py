@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pymongo
 import pytest
-from agent_ops import backups, free_port, manifest_of, password_file, run_cli, write_manifest
-from harness import Deployment, log_text, mysql_source, run_agent, running_collector
+from agent_ops import backups, free_port, manifest_of, password_file, write_manifest
+from harness import Deployment, log_text, mysql_source, run_agent, run_cli, running_collector
 from mariadb_server import MariaDBServer
 
 from tests.integration.mongo_server import NxServer

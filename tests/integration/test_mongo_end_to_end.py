@@ -41,6 +41,7 @@ from common.errors import RejectedError, TransportError
 from common.events import Begin, Data, End, Stored
 from tests.integration.harness import (
     Deployment,
+    LoopbackProxy,
     log_text,
     run_agent,
     running_collector,
@@ -356,35 +357,24 @@ CURSOR_NOT_FOUND = {
 }
 
 
-class CursorProxy:
+class CursorProxy(LoopbackProxy):
     """A loopback proxy to a MongoDB server that notes the batch size of each `find` and
     `getMore`, and can answer the n-th getMore with CursorNotFound, as a real server does
     once the cursor was killed (nx-27017 would quietly end the cursor instead)."""
 
     def __init__(self, target_port: int, kill_get_more: int | None = None) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.kill_get_more = kill_get_more
         self.get_mores = 0
         self.batch_sizes: list[int] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
 
     @property
     def uri(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
 
-    async def __aenter__(self) -> CursorProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        down = asyncio.create_task(self._copy(up_reader, writer))
+        down = asyncio.create_task(self.copy(up_reader, writer))
         try:
             while True:
                 header = await reader.readexactly(16)
@@ -406,12 +396,6 @@ class CursorProxy:
             down.cancel()
             for w in (writer, up_writer):
                 w.transport.abort()
-
-    @staticmethod
-    async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
 
     @staticmethod
     def _cursor_command(header: bytes, body: bytes) -> dict[str, Any] | None:

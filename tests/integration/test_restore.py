@@ -10,28 +10,16 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from agent_ops import backups, manifest_of, password_file, run_cli, write_manifest
-from harness import Deployment, log_text, mysql_source, run_agent, running_collector
+from agent_ops import backups, manifest_of, password_file, write_manifest
+from harness import Deployment, log_text, mysql_source, run_agent, run_cli, running_collector
 from mariadb_server import MariaDBServer
-from sample_data import table_checksums
+from sample_data import object_counts, table_checksums
 
 pytestmark = pytest.mark.integration
 
 
 def databases(server: MariaDBServer) -> set[str]:
     return {str(row[0]) for row in server.query("SHOW DATABASES")}
-
-
-def object_counts(server: MariaDBServer, database: str) -> dict[str, int]:
-    counts = {}
-    for what, sql in {
-        "routines": "SELECT COUNT(*) FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA=%s",
-        "triggers": "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA=%s",
-        "views": "SELECT COUNT(*) FROM information_schema.VIEWS WHERE TABLE_SCHEMA=%s",
-        "events": "SELECT COUNT(*) FROM information_schema.EVENTS WHERE EVENT_SCHEMA=%s",
-    }.items():
-        counts[what] = int(server.query(sql, args=(database,))[0][0])
-    return counts
 
 
 def restore_args(config: Path, database: str, *extra: str) -> list[str]:
