@@ -229,5 +229,10 @@ def stored_files(store: Path) -> list[Path]:
     return sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file())
 
 
+def final_files(store: Path) -> list[Path]:
+    """The files under the store that are not upload temporaries."""
+    return [p for p in stored_files(store) if not p.name.startswith(".tmp-")]
+
+
 def log_text(folder: Path) -> str:
     return "".join(p.read_text() for p in sorted(folder.glob("*.log")))

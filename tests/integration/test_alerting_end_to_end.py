@@ -29,7 +29,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from harness import Deployment, log_text, mysql_source, run_agent, running_collector, stored_files
+from harness import (
+    Deployment,
+    final_files,
+    log_text,
+    mysql_source,
+    run_agent,
+    running_collector,
+    stored_files,
+)
 from mariadb_server import MariaDBServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -130,10 +138,6 @@ def agent_toml(deployment: Deployment, collector_port: int, source: str) -> Path
         )
         path.write_text(text)
     return path
-
-
-def final_files(store: Path) -> list[Path]:
-    return [p for p in stored_files(store) if not p.name.startswith(".tmp-")]
 
 
 async def promtool_check_metrics(body: str) -> None:

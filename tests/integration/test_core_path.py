@@ -18,6 +18,7 @@ from agent_ops import password_file
 from harness import (
     Deployment,
     LoopbackProxy,
+    final_files,
     log_text,
     mysql_source,
     run_agent,
@@ -44,10 +45,6 @@ def restore(server: MariaDBServer, backup: Path, into: str) -> None:
     )
     assert zstd.wait() == 0
     assert client.returncode == 0, client.stderr.decode()
-
-
-def final_files(store: Path) -> list[Path]:
-    return [p for p in stored_files(store) if not p.name.startswith(".tmp-")]
 
 
 def no_traceback(text: str) -> None:

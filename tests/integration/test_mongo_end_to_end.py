@@ -42,6 +42,7 @@ from common.events import Begin, Data, End, Stored
 from tests.integration.harness import (
     Deployment,
     LoopbackProxy,
+    final_files,
     log_text,
     run_agent,
     running_collector,
@@ -136,10 +137,6 @@ def backups_by_database(store: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
         assert manifest["database"] not in found, f"two backups of {manifest['database']}"
         found[manifest["database"]] = (backup, manifest)
     return found
-
-
-def final_files(store: Path) -> list[Path]:
-    return [p for p in stored_files(store) if not p.name.startswith(".tmp-")]
 
 
 def gunzipped(path: Path, size: int = 256 * 1024) -> Iterator[bytes]:
