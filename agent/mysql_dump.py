@@ -11,10 +11,11 @@ The dump is a single-transaction snapshot of the named database without
             ...
 
 Reading is pull-based: when the consumer is slow the pipe fills and the dump tool
-blocks, which is the back-pressure. Only iterating to the end checks the exit status.
-stdout is a plain pipe read in worker threads, never by the event loop: the agent's
-pump (:mod:`agent.pump`) reads it, compresses and hashes in one thread through
-:meth:`MySQLDump.pipe_reader`, :meth:`~MySQLDump.note_read` and :meth:`~MySQLDump.finish`.
+blocks, which is the back-pressure. stdout is a plain pipe read in worker threads,
+never by the event loop: the agent's pump (:mod:`agent.pump`) reads it, compresses and
+hashes in one thread through :meth:`MySQLDump.pipe_reader`,
+:meth:`~MySQLDump.note_read` and :meth:`~MySQLDump.finish`. Only :meth:`finish` (which
+iterating to the end calls) checks the exit status.
 """
 
 from __future__ import annotations
