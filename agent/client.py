@@ -2,9 +2,9 @@
 
 asyncssh errors are translated to TransportError here, at the one boundary, so the
 runner deals only in Backhaul's own error families. A collector that cannot be reached
-(or whose connection broke) raises the subclass CollectorUnreachableError, which is
-worth retrying; a host key mismatch or a refused agent key raises CollectorTrustError,
-which is not.
+(or whose connection broke) raises CollectorUnreachableError, which is worth
+retrying; a host key mismatch or a refused agent key raises CollectorTrustError, which
+is not.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import asyncssh
 
 from agent.config import AgentConfig
 from agent.retry import RetryPolicy, retry
-from common.errors import RejectedError, RemoteProtocolError, TransportError
+from common.errors import (
+    CollectorTrustError,
+    CollectorUnreachableError,
+    RejectedError,
+    RemoteProtocolError,
+    TransportError,
+)
 from common.events import Event, Hello, Reject
 from common.protocol import SUBSYSTEM, Closed, Connection, Role
 
@@ -31,23 +37,11 @@ PREFERRED_CIPHERS = (
     "aes256-gcm@openssh.com",
     "chacha20-poly1305@openssh.com",
 )
-VERDICT_TIMEOUT = 3600.0  # the collector verifies at END; a large backup takes a while
 # The collector is at its connection cap or going away: a later attempt may get in.
 _TRANSIENT_DISCONNECTS = frozenset({
     asyncssh.DISC_TOO_MANY_CONNECTIONS, asyncssh.DISC_CONNECTION_LOST,
     asyncssh.DISC_BY_APPLICATION,
 })
-
-
-class CollectorUnreachableError(TransportError):
-    """No connection to the collector could be made or kept; a later attempt may work."""
-
-
-class CollectorTrustError(TransportError):
-    """The collector's host key is not the pinned one, or it refused this agent's key.
-
-    Retrying cannot help: an administrator has to fix the keys.
-    """
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -89,6 +89,17 @@ class TransportError(BackhaulError):
     exit_code = ExitCode.TRANSPORT
 
 
+class CollectorUnreachableError(TransportError):
+    """No connection to the collector could be made or kept; a later attempt may work."""
+
+
+class CollectorTrustError(TransportError):
+    """The collector's host key is not the pinned one, or it refused this agent's key.
+
+    Retrying cannot help: an administrator has to fix the keys.
+    """
+
+
 class DumpError(BackhaulError):
     """The database or its dump tool failed; carries the tool's exit status and stderr."""
 

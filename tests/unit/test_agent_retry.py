@@ -7,9 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.client import CollectorTrustError, CollectorUnreachableError, is_transient
+from agent.client import is_transient
 from agent.retry import DEFAULT_BACKOFF, DEFAULT_RETRIES, MAX_DELAY, RetryPolicy, retry
-from common.errors import RejectedError, TransportError
+from common.errors import (
+    CollectorTrustError,
+    CollectorUnreachableError,
+    RejectedError,
+    TransportError,
+)
 
 
 class Flaky:
