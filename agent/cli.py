@@ -15,15 +15,15 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.client import CollectorClient
-from agent.config import AgentConfig, load_agent_config
+from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, load_agent_config
+from agent.link import PendingClient
 from agent.progress import ProgressDisplay
-from agent.remote import ServiceClient
 from agent.runner import BackupResult, BackupRunner, run_exit_code
-from agent.service import DEFAULT_STOP_TIMEOUT, AgentService
 
 if TYPE_CHECKING:
     from agent.restore import RestoreRequest
+# The SSH stack (agent.client, agent.remote, agent.service) is imported where it is
+# used: a one-shot backup loads it in the background while its first dump starts.
 from common.cli import print_error, run_command
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import escape_control, setup_logging
@@ -128,14 +128,15 @@ async def _backup(config: AgentConfig, source: str | None, database: str | None)
     if database is not None and source is None and len(config.sources) > 1:
         raise ConfigError("--database needs --source when several sources are configured")
     display = ProgressDisplay.for_stream()
+    link = PendingClient(config)
     try:
-        async with ServiceClient(config) as client:
-            runner = BackupRunner(config, client, progress_factory=display.meter)
-            results = await runner.run(source, database)
+        runner = BackupRunner(config, link, progress_factory=display.meter)
+        results = await runner.run(source, database)
     except BackhaulError as exc:
         log.error("backup run failed: %s", exc)
         raise
     finally:
+        await link.close()
         display.finish()
     _print(results)
     return run_exit_code(results)
@@ -146,11 +147,14 @@ async def _run(config: AgentConfig, grace: float, stop_timeout: float,
     def relog(new: AgentConfig) -> None:
         setup_logging(PROG, new.log_dir, use_syslog=new.syslog, stderr_level=stderr_level)
 
+    from agent.service import AgentService
+
     service = AgentService(config, grace=grace, stop_timeout=stop_timeout, on_reload=relog)
     return await service.run()
 
 
 async def _restore(config: AgentConfig, request: RestoreRequest) -> int:
+    from agent.client import CollectorClient
     from agent.restore import restore
 
     display = ProgressDisplay.for_stream()
@@ -167,6 +171,8 @@ async def _restore(config: AgentConfig, request: RestoreRequest) -> int:
 
 
 async def _drill(config: AgentConfig, database: str, source: str | None) -> int:
+    from agent.client import CollectorClient
+
     display = ProgressDisplay.for_stream()
     try:
         async with CollectorClient(config) as client:

@@ -19,6 +19,8 @@ from common.logsetup import DEFAULT_LOG_DIR
 
 ENGINES = ("mysql", "mongodb")
 DEFAULT_COLLECTOR_PORT = 2222
+# `backhaul-agent run --stop-timeout`: how long a stopping service waits for its backups.
+DEFAULT_STOP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)

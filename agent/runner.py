@@ -6,25 +6,37 @@ the run goes on with the next database. The run's result lists each database.
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.client import VERDICT_TIMEOUT, Channel, CollectorClient, CollectorTrustError
 from agent.config import AgentConfig, SourceConfig
+from agent.headstart import HeadStart
+from agent.link import LinkDown, PendingClient
 from agent.pipeline import DumpStalled, Progress, run_pipeline
 from agent.pump import PipeDump, pump
 from agent.retry import retry
 from agent.sources import Adapter, adapter_for
 from common.compression import make_compressor
-from common.errors import BackhaulError, DumpError, ExitCode, RejectedError, TransportError
+from common.errors import (
+    BackhaulError,
+    CollectorTrustError,
+    DumpError,
+    ExitCode,
+    RejectedError,
+    TransportError,
+)
 from common.events import Abort, Ack, Begin, Data, End, Report, Stored
 from common.logsetup import escape_control
 
+if TYPE_CHECKING:  # the SSH stack loads in the background (agent.link)
+    from agent.client import Channel, CollectorClient
+
 log = logging.getLogger(__name__)
+VERDICT_TIMEOUT = 3600.0  # the collector verifies at END; a large backup takes a while
 # One zstd worker thread: compression then overlaps the event loop's reading and
 # sending instead of taking turns with it (about a fifth faster end to end on 2 cores).
 ZSTD_WORKERS = 1
@@ -83,7 +95,7 @@ def _reason(exc: BaseException) -> str:
 class BackupRunner:
     """Backs up the selected databases of the configured sources."""
 
-    def __init__(self, config: AgentConfig, client: CollectorClient,
+    def __init__(self, config: AgentConfig, client: CollectorClient | PendingClient,
                  progress_factory: Any = None) -> None:
         self.config = config
         self.client = client
@@ -91,12 +103,32 @@ class BackupRunner:
 
     async def run(self, source_name: str | None = None,
                   database: str | None = None) -> list[BackupResult]:
+        """Back up the selected databases; each one's result, in order.
+
+        Raises:
+            BackhaulError: a pending connection to the collector could not be made
+                (the run stops there, whatever databases remain).
+        """
         results: list[BackupResult] = []
-        for source in self.config.sources:
-            if source_name is not None and source.name != source_name:
-                continue
-            results.extend(await self.run_source(source, database))
+        try:
+            for source in self.config.sources:
+                if source_name is not None and source.name != source_name:
+                    continue
+                results.extend(await self.run_source(source, database))
+            await self._collector()  # a run with nothing to send still needs the collector
+        except LinkDown as down:
+            raise down.error from None
         return results
+
+    async def _collector(self) -> CollectorClient:
+        """The connected client.
+
+        Raises:
+            LinkDown: the pending connection could not be made.
+        """
+        if isinstance(self.client, PendingClient):
+            return await self.client.get()
+        return self.client
 
     async def run_source(self, source: SourceConfig, only: str | None) -> list[BackupResult]:
         try:
@@ -147,36 +179,43 @@ class BackupRunner:
 
     async def _stream(self, source: SourceConfig, adapter: Adapter, database: str,
                       size_estimate: int | None, metadata: dict[str, Any]) -> Stored:
-        channel = await self.client.channel()
+        if isinstance(self.client, PendingClient) and self.client.failed:
+            await self.client.get()  # raises LinkDown: no dump for a run that is over
+        begin = Begin(
+            database=database, engine=adapter.engine, format=adapter.format,
+            compression=source.compression,
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            size_estimate=size_estimate, source=source.name,
+        )
+        # The dump starts now and the channel opens meanwhile (agent.headstart).
+        opening = asyncio.get_running_loop().create_task(self._open(begin))
+        gate = HeadStart(opening, _send_data)
         try:
-            await channel.send(Begin(
-                database=database, engine=adapter.engine, format=adapter.format,
-                compression=source.compression,
-                started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                size_estimate=size_estimate, source=source.name,
-            ))
             progress = (self.progress_factory(database, size_estimate)
                         if self.progress_factory else Progress())
-            channel.watch()
             try:
                 async with adapter.dump(database) as dump:
                     compressor = make_compressor(source.compression, source.compression_level,
                                                  threads=ZSTD_WORKERS)
-                    send = functools.partial(_send_data, channel)
                     stall = source.stall_timeout
                     if isinstance(dump, PipeDump):  # read, compressed, hashed off the loop
-                        result = await pump(dump, compressor, send, stall_timeout=stall,
+                        result = await pump(dump, compressor, gate.send, stall_timeout=stall,
                                             progress=progress)
                     else:
-                        result = await run_pipeline(aiter(dump), compressor, send,
+                        result = await run_pipeline(aiter(dump), compressor, gate.send,
                                                     stall_timeout=stall, progress=progress)
                     dump_meta = adapter.dump_metadata(dump)
+                channel = await gate.channel()
             except DumpError as exc:
-                await self._abort(channel, str(exc),
-                                  "stall" if isinstance(exc, DumpStalled) else "dump")
+                opened = await gate.opened()
+                if opened is not None:
+                    await self._abort(opened, str(exc),
+                                      "stall" if isinstance(exc, DumpStalled) else "dump")
                 raise
             except TransportError:
-                await channel.early_answer(grace=5)  # a REJECT explains a cut channel
+                opened = await gate.opened()
+                if opened is not None:
+                    await opened.early_answer(grace=5)  # a REJECT explains a cut channel
                 raise
             end_meta = {**metadata, **dump_meta, "uncompressed_bytes": result.raw_bytes,
                         "agent_host_time": datetime.now(UTC).isoformat()}
@@ -187,7 +226,28 @@ class BackupRunner:
                 raise TransportError("collector's STORED does not match what was sent")
             return stored
         finally:
+            if not opening.done():
+                opening.cancel()
+            await asyncio.wait({opening})
+            if not opening.cancelled() and opening.exception() is None:
+                opening.result().close()
+
+    async def _open(self, begin: Begin) -> Channel:
+        """A channel to the collector on which ``begin`` is sent and answers are watched.
+
+        Raises:
+            LinkDown: the run's pending connection could not be made.
+            TransportError, RejectedError: the channel could not be opened.
+        """
+        client = await self._collector()
+        channel = await client.channel()
+        try:
+            await channel.send(begin)
+        except BaseException:
             channel.close()
+            raise
+        channel.watch()
+        return channel
 
     async def _abort(self, channel: Channel, reason: str, code: str) -> None:
         try:
@@ -210,16 +270,17 @@ class BackupRunner:
             source=source.name, at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         attempts = 0
+        client = await self._collector()
 
         async def send() -> None:
             nonlocal attempts
             attempts += 1
             if attempts > 1:
-                await self.client.reconnect()
-            await self._send_report(report)
+                await client.reconnect()
+            await self._send_report(client, report)
 
         try:
-            await retry(send, self.client.retry_policy,
+            await retry(send, client.retry_policy,
                         f"reporting the failure of {label} to the collector",
                         _worth_reporting_again)
         except BackhaulError as err:
@@ -227,8 +288,8 @@ class BackupRunner:
         else:
             log.info("reported the failure of %s to the collector", label)
 
-    async def _send_report(self, report: Report) -> None:
-        channel = await self.client.channel()
+    async def _send_report(self, client: CollectorClient, report: Report) -> None:
+        channel = await client.channel()
         try:
             await channel.send(report)
             await channel.expect(Ack, timeout=60)

@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.config import AgentConfig, SourceConfig, load_agent_config
+from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, SourceConfig, load_agent_config
 from agent.remote import ServiceClient, send_report
 from agent.runner import BackupRunner
 from agent.schedule import Schedule, parse_schedule
@@ -48,7 +48,6 @@ from common.logsetup import escape_control
 
 log = logging.getLogger(__name__)
 MAX_SLEEP = 60.0  # wake at least this often, so a changed wall clock is noticed
-DEFAULT_STOP_TIMEOUT = 30.0
 
 
 def local_zone() -> tzinfo:

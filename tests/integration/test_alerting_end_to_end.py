@@ -669,6 +669,11 @@ async def test_report_waits_for_a_collector_that_comes_back(
         source = mysql_source(database.port, f'["{WARD}"]', password_file=pw)
         agent = asyncio.create_task(run_agent(agent_toml(deployment, plug.port, source)))
         await asyncio.wait_for(database.connected.wait(), 60)  # connected, now in preflight
+
+        async def connected() -> bool:  # the agent connects while its preflight hangs
+            return "agent db1 authenticated" in log_text(deployment.collector_logs)
+
+        await eventually(connected, "the agent to connect to the collector", every=0.05)
         await plug.pull()
         database.drop()
 

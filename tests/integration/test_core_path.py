@@ -293,6 +293,70 @@ class CuttingProxy(LoopbackProxy):
             w.transport.abort()
 
 
+class HoldingProxy(LoopbackProxy):
+    """Holds each connection ``hold`` seconds before passing it through, watching
+    meanwhile for a dump tool started by the agent whose command line has ``marker``."""
+
+    def __init__(self, target_port: int, hold: float) -> None:
+        super().__init__(target_port)
+        self.hold = hold
+        self.marker = ""
+        self.dump_seen_while_held: list[bool] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        deadline = asyncio.get_running_loop().time() + self.hold
+        seen = False
+        while asyncio.get_running_loop().time() < deadline:
+            seen = seen or agent_dump_running(self.marker)
+            await asyncio.sleep(0.01)
+        self.dump_seen_while_held.append(seen)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(self.copy(reader, up_writer), self.copy(up_reader, writer),
+                             return_exceptions=True)
+        for w in (writer, up_writer):
+            w.close()
+
+
+def agent_dump_running(marker: str) -> bool:
+    """Whether a mariadb-dump runs whose parent's command line contains ``marker``."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() != "mariadb-dump":
+                continue
+            status = (comm.parent / "status").read_text()
+            ppid = next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("PPid:"))
+            if marker in Path(f"/proc/{ppid}/cmdline").read_bytes().decode(errors="replace"):
+                return True
+        except (OSError, StopIteration):
+            continue
+    return False
+
+
+async def test_the_dump_starts_while_the_collector_connection_is_being_made(
+    mariadb: MariaDBServer, bulky: str, deployment: Deployment, tmp_path: Path
+) -> None:
+    """The agent dumps while it connects; what it makes meanwhile is sent whole after."""
+    pw = password_file(tmp_path, mariadb.root_password)
+    async with (
+        running_collector(deployment.collector_toml()) as (_, port),
+        HoldingProxy(port, hold=2.0) as proxy,
+    ):
+        config = deployment.agent_toml(
+            "db1", proxy.port, mysql_source(mariadb.port, '["bulky"]', password_file=pw)
+        )
+        proxy.marker = str(config)
+        run = await run_agent(config)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert proxy.dump_seen_while_held == [True], "the dump waited for the SSH connection"
+    (backup,) = (deployment.store / "db1" / "bulky").glob("*.sql.zst")
+    manifest = json.loads(Path(f"{backup}.manifest.json").read_text())
+    assert manifest["verified"] is True
+    assert manifest["verification"]["uncompressed_bytes"] > 50 * 1024 * 1024
+    restore(mariadb, backup, "restored_bulky")
+    assert table_checksums(mariadb, "restored_bulky") == table_checksums(mariadb, "bulky")
+
+
 async def test_connection_cut_mid_stream_leaves_nothing(
     mariadb: MariaDBServer, bulky: str, deployment: Deployment, tmp_path: Path
 ) -> None:

@@ -1,0 +1,77 @@
+"""Compressed dump bytes made before the collector's channel is open.
+
+The runner starts the dump tool at once and opens the channel (for a run's first
+backup, the SSH connection too) at the same time. What the dump makes meanwhile
+waits here, up to :data:`HEAD_START` bytes; then sending waits for the channel, the
+pump's hand-over fills and the dump tool blocks, as with a slow link. A one-shot
+``backhaul-agent backup`` spends a fifth of a second importing the SSH stack and
+connecting: about two per cent of a 1 GB backup, which the dump now does meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from common.errors import BackhaulError
+
+HEAD_START = 8 * 1024 * 1024  # compressed bytes held while the channel opens
+
+C = TypeVar("C")
+
+
+class HeadStart(Generic[C]):
+    """Holds ``send`` calls until ``opening`` gives a channel, then sends in order.
+
+    An ``opening`` that fails raises its error from the next :meth:`send` (or from
+    :meth:`channel`); what was held is dropped with it.
+    """
+
+    def __init__(self, opening: asyncio.Future[C],
+                 send: Callable[[C, bytes], Awaitable[None]], limit: int = HEAD_START) -> None:
+        self._opening = opening
+        self._send = send
+        self._limit = limit
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._channel: C | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes waiting for the channel."""
+        return self._held_bytes
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data`` on the channel, or hold it while the channel opens."""
+        if self._channel is None:
+            if not self._opening.done() and self._held_bytes + len(data) <= self._limit:
+                self._held.append(data)
+                self._held_bytes += len(data)
+                return
+            await self.channel()
+        assert self._channel is not None
+        await self._send(self._channel, data)
+
+    async def channel(self) -> C:
+        """The open channel, once everything held has been sent on it.
+
+        Raises:
+            Whatever opening the channel raised, or what sending the held bytes raised.
+        """
+        if self._channel is None:
+            channel = await asyncio.shield(self._opening)
+            while self._held:
+                data = self._held.pop(0)
+                self._held_bytes -= len(data)
+                await self._send(channel, data)
+            self._channel = channel
+        return self._channel
+
+    async def opened(self) -> C | None:
+        """The channel if it opens, without sending what is held; None if opening it
+        failed with one of Backhaul's errors (anything else propagates)."""
+        try:
+            return await asyncio.shield(self._opening)
+        except BackhaulError:
+            return None

@@ -1,0 +1,76 @@
+"""The collector connection of a one-shot run, made while the first dump starts.
+
+``backhaul-agent backup`` used to import the SSH stack (asyncssh and cryptography, a
+fifth of a second here), connect, and only then ask the database anything. A
+:class:`PendingClient` imports in a worker thread and connects in the background while
+the runner checks the database and starts its dump; agent.headstart holds what the
+dump makes until the channel is open.
+
+A connection that cannot be made still fails the whole run, as before: the runner
+gets it as :class:`LinkDown`, which no per-database handler catches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from typing import TYPE_CHECKING, cast
+
+from common.errors import BackhaulError
+
+if TYPE_CHECKING:
+    from agent.client import CollectorClient
+    from agent.config import AgentConfig
+
+
+class LinkDown(Exception):
+    """The run's connection to the collector could not be made: the run ends."""
+
+    def __init__(self, error: BackhaulError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class PendingClient:
+    """A collector client that is still connecting. Create it inside the event loop."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._client: CollectorClient | None = None
+        self._task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> CollectorClient:
+        # In a thread: the import would otherwise hold the event loop, and with it the
+        # dump's output, for as long as it takes.
+        remote = await asyncio.to_thread(importlib.import_module, "agent.remote")
+        client = cast("CollectorClient", remote.ServiceClient(self.config))
+        self._client = client
+        await client.connect()
+        return client
+
+    @property
+    def failed(self) -> bool:
+        """True once connecting has failed."""
+        return (self._task.done() and not self._task.cancelled()
+                and self._task.exception() is not None)
+
+    async def get(self) -> CollectorClient:
+        """The connected client, waiting for it if need be.
+
+        Raises:
+            LinkDown: the connection could not be made (the error is ``.error``).
+        """
+        try:
+            return await asyncio.shield(self._task)
+        except BackhaulError as exc:
+            raise LinkDown(exc) from None
+
+    async def close(self) -> None:
+        """Stop connecting, or close the connection (flushing pending ABORTs)."""
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.wait({self._task})
+        if not self._task.cancelled():
+            self._task.exception()  # retrieved: reported by the runner, not at exit
+        if self._client is not None:
+            await self._client.close()

@@ -1,0 +1,93 @@
+"""The head start: compressed bytes made while the collector's channel opens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.headstart import HeadStart
+from common.errors import RejectedError
+
+
+class Channel:
+    """Records what is sent on it, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+
+async def record(channel: Channel, data: bytes) -> None:
+    channel.sent.append(data)
+
+
+async def test_bytes_made_before_the_channel_opens_go_out_first_and_in_order() -> None:
+    opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+    gate = HeadStart(asyncio.ensure_future(opened), record, limit=100)
+
+    await gate.send(b"one")
+    await gate.send(b"two")
+    assert gate.held_bytes == 6
+
+    channel = Channel()
+    opened.set_result(channel)
+    await gate.send(b"three")
+
+    assert channel.sent == [b"one", b"two", b"three"]
+    assert gate.held_bytes == 0
+    assert await gate.channel() is channel
+
+
+async def test_sending_waits_for_the_channel_once_the_limit_is_reached() -> None:
+    opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+    gate = HeadStart(asyncio.ensure_future(opened), record, limit=10)
+    await gate.send(b"x" * 8)
+
+    blocked = asyncio.create_task(gate.send(b"y" * 8))
+    await asyncio.sleep(0.05)
+    assert not blocked.done(), "16 bytes exceed the 10-byte head start"
+    assert gate.held_bytes == 8
+
+    channel = Channel()
+    opened.set_result(channel)
+    await asyncio.wait_for(blocked, 5)
+    assert channel.sent == [b"x" * 8, b"y" * 8]
+
+
+async def test_a_dump_that_ends_within_the_head_start_is_sent_when_the_channel_opens() -> None:
+    opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+    gate = HeadStart(asyncio.ensure_future(opened), record, limit=100)
+    await gate.send(b"whole dump")
+
+    channel = Channel()
+    asyncio.get_running_loop().call_later(0.05, opened.set_result, channel)
+    assert await gate.channel() is channel
+    assert channel.sent == [b"whole dump"]
+
+
+async def test_a_channel_that_cannot_open_fails_the_next_send_and_drops_what_was_held() -> None:
+    async def refuse() -> Channel:
+        await asyncio.sleep(0.01)
+        raise RejectedError("busy", "too many uploads")
+
+    gate = HeadStart(asyncio.create_task(refuse()), record, limit=100)
+    await gate.send(b"early")
+    await asyncio.sleep(0.05)
+
+    with pytest.raises(RejectedError, match="busy"):
+        await gate.send(b"late")
+    with pytest.raises(RejectedError, match="busy"):
+        await gate.channel()
+    assert await gate.opened() is None
+
+
+async def test_opened_gives_the_channel_without_sending_what_is_held() -> None:
+    channel = Channel()
+
+    async def open_channel() -> Channel:
+        return channel
+
+    gate = HeadStart(asyncio.create_task(open_channel()), record, limit=100)
+    await gate.send(b"held")
+    assert await gate.opened() is channel
+    assert channel.sent == [], "an ABORT after a failed dump must not follow its bytes"
