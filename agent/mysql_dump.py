@@ -12,7 +12,8 @@ The dump is a single-transaction snapshot of the named database without
 
 Reading is pull-based: when the consumer is slow the pipe fills and the dump tool
 blocks, which is the back-pressure. stdout is a plain pipe read in worker threads,
-never by the event loop: the agent's pump (:mod:`agent.pump`) reads it, compresses and
+never by the event loop, and the tool writes it 256 KiB at a time
+(:func:`buffered_command`): the agent's pump (:mod:`agent.pump`) reads it, compresses and
 hashes in one thread through :meth:`MySQLDump.pipe_reader`,
 :meth:`~MySQLDump.note_read` and :meth:`~MySQLDump.finish`. Only :meth:`finish` (which
 iterating to the end calls) checks the exit status.
@@ -26,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +45,7 @@ DEFAULT_CHUNK_SIZE = 256 * 1024
 STDERR_LIMIT = 64 * 1024
 _STDERR_LINES_IN_MESSAGE = 3
 _REAP_TIMEOUT = 10.0
+DUMP_OUTPUT_BUFFER = "256K"  # in stdbuf's units: 256 KiB
 _OPTION_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b"}
 
 
@@ -162,6 +165,34 @@ def _remove_private(directory: Path, path: Path) -> None:
         directory.rmdir()
 
 
+def buffered_command(tool: str, path: str | None = None) -> list[str]:
+    """``tool`` run with a 256 KiB stdout buffer, through coreutils' ``stdbuf``.
+
+    The dump tools write stdout through stdio, whose buffer on a pipe is one 4 KiB
+    page: a quarter of a million writes per GB, each waking the reader. In 256 KiB
+    writes (four fit in the widened pipe, :func:`agent.pipe.widen`) the system time of
+    the dump tool and its reader fell from 1.6 s to 0.9 to 1.0 s per GB. ``stdbuf`` execs
+    the tool, which keeps its pid, exit status and signals. Without ``stdbuf`` (it is
+    in coreutils) the tool runs as it is.
+    """
+    stdbuf = shutil.which("stdbuf", path=path)
+    if stdbuf is None:
+        return [tool]
+    return [stdbuf, f"--output={DUMP_OUTPUT_BUFFER}", tool]
+
+
+def _check_executable(tool: str) -> None:
+    """Raises:
+        DumpError: ``tool`` is missing or not an executable file.
+    """
+    try:
+        is_file = stat.S_ISREG(os.stat(tool).st_mode)
+    except OSError as exc:
+        raise DumpError(f"cannot start {Path(tool).name}: {exc.strerror or exc}") from None
+    if not is_file or not os.access(tool, os.X_OK):
+        raise DumpError(f"cannot start {Path(tool).name}: not an executable file")
+
+
 def _minimal_env() -> dict[str, str]:
     # No HOME: the tool then reads no ~/.my.cnf that could override our option file.
     return {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}
@@ -224,6 +255,7 @@ class MySQLDump:
 
     async def __aenter__(self) -> MySQLDump:
         tool = self._tool or find_dump_tool()
+        _check_executable(tool)  # behind stdbuf, exec's own error would come as an exit status
         stack = contextlib.ExitStack()
         self.option_file = stack.enter_context(client_option_file(self.params))
         self._option_file = stack
@@ -231,7 +263,7 @@ class MySQLDump:
         widen(read_fd)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                tool,
+                *buffered_command(tool),
                 *dump_arguments(self.option_file, self.database),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=write_fd,
