@@ -300,6 +300,9 @@ class BackupRunner:
 async def _send_data(channel: Channel, data: bytes) -> None:
     channel.check_early_answer()
     step = channel.max_data
+    if len(data) <= step:  # the usual case: no copy
+        await channel.send(Data(data))
+        return
     view = memoryview(data)
     for start in range(0, len(view), step):
         await channel.send(Data(bytes(view[start : start + step])))

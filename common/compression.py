@@ -83,7 +83,7 @@ def make_compressor(kind: str, level: int | None = None, threads: int = 0) -> Co
 
 
 class _Decoder(Protocol):
-    def feed(self, data: bytes) -> None: ...
+    def feed(self, data: Buffer) -> None: ...
     @property
     def eof(self) -> bool: ...
 
@@ -109,7 +109,7 @@ class ZstdFrameTracker:
     def eof(self) -> bool:
         return self.frames > 0 and self._state == "magic" and not self._pending
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Buffer) -> None:
         view = memoryview(data)
         while view:
             if self.eof:
@@ -206,7 +206,7 @@ class _ZstdDecoder:
     def eof(self) -> bool:
         return self._tracker.eof
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Buffer) -> None:
         self._tracker.feed(data)
         try:
             self._writer.write(data)
@@ -225,7 +225,7 @@ class _GzipDecoder:
     def eof(self) -> bool:
         return self._obj.eof
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Buffer) -> None:
         pending = data
         try:
             while pending and not self._obj.eof:
@@ -278,7 +278,7 @@ class StreamChecker:
         for start in range(0, len(view), _FEED_SLICE):
             if self._decoder.eof:
                 raise IntegrityError(f"{self.kind} stream has bytes after its end")
-            piece = bytes(view[start : start + _FEED_SLICE])
+            piece = view[start : start + _FEED_SLICE]  # a view: no copy of the stream
             self.input_bytes += len(piece)  # before decoding: the ratio check is per slice
             self._decoder.feed(piece)
 

@@ -96,6 +96,7 @@ class FrameDecoder:
         end = HEADER_SIZE + length
         if len(self._buffer) < end:
             return None
-        payload = bytes(self._buffer[HEADER_SIZE:end])
+        with memoryview(self._buffer) as view:  # one copy, not a slice and then bytes()
+            payload = bytes(view[HEADER_SIZE:end])
         del self._buffer[:end]
         return Frame(frame_type, payload)
