@@ -1,8 +1,9 @@
 """Streams one MySQL/MariaDB database as SQL from ``mariadb-dump``/``mysqldump`` stdout.
 
 Credentials travel only through a 0600 option file in a private 0700 directory (memory
-backed when possible), removed as soon as the tool has read it (its first output byte)
-and in any case when the dump ends: never argv, never the environment, never a log line.
+backed when possible), removed once the tool has read it (its first output, which with
+the 256 KiB output buffer comes once it has that much to say) and in any case when the
+dump ends: never argv, never the environment, never a log line.
 The dump is a single-transaction snapshot of the named database without
 ``CREATE DATABASE``/``USE``, so it restores into any name::
 
