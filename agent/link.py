@@ -14,13 +14,29 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from common.errors import BackhaulError
 
 if TYPE_CHECKING:
     from agent.client import CollectorClient
     from agent.config import AgentConfig
+
+T = TypeVar("T")
+
+
+async def settle(task: asyncio.Task[T]) -> T | None:
+    """Cancel ``task`` if it is still running and wait for it to end.
+
+    Returns its result if it succeeded, else None; its error, if any, is retrieved
+    (the caller has had its say on it), so asyncio does not log it at exit.
+    """
+    if not task.done():
+        task.cancel()
+    await asyncio.wait({task})
+    if task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
 
 
 class LinkDown(Exception):
@@ -67,10 +83,6 @@ class PendingClient:
 
     async def close(self) -> None:
         """Stop connecting, or close the connection (flushing pending ABORTs)."""
-        if not self._task.done():
-            self._task.cancel()
-        await asyncio.wait({self._task})
-        if not self._task.cancelled():
-            self._task.exception()  # retrieved: reported by the runner, not at exit
+        await settle(self._task)  # a failure was the runner's to report
         if self._client is not None:
             await self._client.close()

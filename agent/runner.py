@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig, SourceConfig
 from agent.headstart import HeadStart
-from agent.link import LinkDown, PendingClient
+from agent.link import LinkDown, PendingClient, settle
 from agent.pipeline import DumpStalled, Progress, run_pipeline
 from agent.pump import PipeDump, pump
 from agent.retry import retry
@@ -226,11 +226,8 @@ class BackupRunner:
                 raise TransportError("collector's STORED does not match what was sent")
             return stored
         finally:
-            if not opening.done():
-                opening.cancel()
-            await asyncio.wait({opening})
-            if not opening.cancelled() and opening.exception() is None:
-                opening.result().close()
+            if (opened := await settle(opening)) is not None:
+                opened.close()
 
     async def _open(self, begin: Begin) -> Channel:
         """A channel to the collector on which ``begin`` is sent and answers are watched.
