@@ -38,7 +38,7 @@ from collector.config import ServerConfig, load_collector_config
 from collector.outcomes import FanOut
 from collector.server import CollectorServer, make_context
 from collector.session import SessionContext
-from common.errors import TransportError
+from common.errors import RejectedError, TransportError
 from common.events import (
     Begin,
     Data,
@@ -497,7 +497,7 @@ HOSTILE: dict[str, tuple[Script, str]] = {
         "too_large",
     ),
     "DATA over the negotiated size": (
-        frames((B, begin_json()), (D, b"\0" * (DEFAULT_DATA_PAYLOAD + 1))),
+        frames((B, begin_json()), (D, b"\0" * (MAX_DATA_PAYLOAD + 1))),
         "too_large",
     ),
     "database name over 256 characters": (frames((B, begin_json("x" * 300))), "protocol"),
@@ -887,6 +887,59 @@ async def test_different_content_the_same_day_never_overwrites(running: Collecto
         assert file.stat().st_mode & 0o777 == 0o440, file
         with pytest.raises(PermissionError) if os.geteuid() != 0 else contextlib.nullcontext():
             file.open("ab").close()
+
+
+async def test_the_collector_takes_data_frames_up_to_the_protocol_cap(running: Collector) -> None:
+    """The collector's HELLO offers 1 MiB DATA frames, and a frame of exactly that lands."""
+    body = os.urandom(3 * MAX_DATA_PAYLOAD // 2).hex().encode()  # incompressible: > 1 MiB
+    payload = sql_dump(body)
+    assert len(payload) > MAX_DATA_PAYLOAD
+    async with await running.connect() as agent:
+        channel = await open_channel(agent)
+        assert channel.max_data == MAX_DATA_PAYLOAD
+        channel.close()
+        stored = await backup(agent, "hospital", payload)
+    assert (running.store / "db1" / "hospital" / stored.name).read_bytes() == payload
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_uploads_side_by_side_are_each_verified_and_counted_back(
+    running: Collector,
+) -> None:
+    """One upload alone, then two at once (worker threads), then a corrupt one: every
+    upload is verified, and the count of uploads in progress returns to zero each time."""
+    payloads = {name: sql_dump(os.urandom(200_000).hex().encode()) for name in ("a", "b")}
+    async with await running.connect() as agent:
+        channels = {name: await open_channel(agent) for name in payloads}
+        for count, (name, payload) in enumerate(payloads.items(), start=1):
+            await channels[name].send(Begin(**fresh(begin_json(name))))
+            await channels[name].send(Data(payload[:1000]))
+            await until(lambda count=count: running.ctx.uploads == count)  # type: ignore[misc]
+        for name, payload in payloads.items():
+            await channels[name].send(Data(payload[1000:]))
+            await channels[name].send(End(len(payload), sha256(payload), {}))
+        for name in payloads:
+            assert isinstance(await channels[name].expect(Stored, timeout=30), Stored)
+            channels[name].close()
+        await until(lambda: running.ctx.uploads == 0)
+        corrupt = await open_channel(agent)
+        await corrupt.send(Begin(**fresh(begin_json("c"))))
+        await corrupt.send(Data(payloads["a"]))
+        await corrupt.send(End(len(payloads["a"]), sha256(b"something else"), {}))
+        with pytest.raises(RejectedError, match="SHA-256 mismatch"):
+            await corrupt.expect(Stored, timeout=30)
+        corrupt.close()
+        await until(lambda: running.ctx.uploads == 0)
+    for name, payload in payloads.items():
+        (stored,) = (running.store / "db1" / name).glob("*.sql.zst")
+        assert stored.read_bytes() == payload
+    assert {path.parts[0] for path in files_of(running.store, "db1")} == {"a", "b"}
 
 
 # --- SSH requests other than the subsystem ---------------------------------------------------
