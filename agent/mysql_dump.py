@@ -262,9 +262,10 @@ class MySQLDump:
         self._option_file = stack
         read_fd, write_fd = os.pipe()  # both close-on-exec; the child gets a dup as fd 1
         widen(read_fd)
+        command = buffered_command(tool)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *buffered_command(tool),
+                *command,
                 *dump_arguments(self.option_file, self.database),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=write_fd,
@@ -275,7 +276,10 @@ class MySQLDump:
         except OSError as exc:
             os.close(read_fd)
             self._remove_option_file()
-            raise DumpError(f"cannot start {Path(tool).name}: {exc.strerror or exc}") from exc
+            # Named for what failed to start: stdbuf when the tool runs behind it.
+            raise DumpError(
+                f"cannot start {Path(command[0]).name}: {exc.strerror or exc}"
+            ) from exc
         except BaseException:
             os.close(read_fd)
             self._remove_option_file()

@@ -355,6 +355,24 @@ async def test_missing_tool_is_a_dump_error(server: MariaDBServer, tmp_path: Pat
             pass
 
 
+async def test_a_stdbuf_that_cannot_start_is_named_in_the_error(
+    server: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broken stdbuf is reported as such, not as a missing dump tool; nothing is left."""
+    tool = shutil.which("mariadb-dump") or shutil.which("mysqldump")
+    assert tool is not None
+    broken = tmp_path / "bin" / "stdbuf"
+    broken.parent.mkdir()
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{broken.parent}{os.pathsep}{os.environ['PATH']}")
+    dump = MySQLDump(backup_params(server), "tricky", tool=tool)
+    with pytest.raises(DumpError, match=r"^cannot start stdbuf: No such file or directory$"):
+        async with dump:
+            pass
+    assert dump.option_file is None or not dump.option_file.exists()
+
+
 async def test_dump_tool_killed_by_a_signal_is_a_dump_error(server: MariaDBServer) -> None:
     with pytest.raises(DumpError, match="mariadb-dump was killed by SIGKILL") as info:
         async with MySQLDump(backup_params(server), BULK_DB, chunk_size=65536) as dump:
