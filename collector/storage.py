@@ -7,7 +7,9 @@ name: the manifest is linked first and so reserves the sequence number, then the
 then the folder is fsynced. A crash leaves only `.tmp-*` files (swept at start) or a
 manifest without data (swept too); never a partial file under a final name.
 
-Everything here is blocking; the session runs it in a worker thread.
+Everything here is blocking; the session runs it in a worker thread, except the
+writes of an upload received alone, which it makes from the event loop: appends wait
+for the disk only when the kernel throttles writers; commit's fsync goes to a thread.
 """
 
 from __future__ import annotations
