@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig, SourceConfig
-from agent.headstart import HeadStart
+from agent.headstart import ChannelLate, HeadStart
 from agent.link import LinkDown, PendingClient, settle
 from agent.pipeline import DumpStalled, Progress, run_pipeline
 from agent.pump import PipeDump, pump
@@ -194,17 +194,33 @@ class BackupRunner:
             progress = (self.progress_factory(database, size_estimate)
                         if self.progress_factory else Progress())
             try:
-                async with adapter.dump(database) as dump:
-                    compressor = make_compressor(source.compression, source.compression_level,
-                                                 threads=ZSTD_WORKERS)
-                    stall = source.stall_timeout
-                    if isinstance(dump, PipeDump):  # read, compressed, hashed off the loop
-                        result = await pump(dump, compressor, gate.send, stall_timeout=stall,
-                                            progress=progress)
-                    else:
-                        result = await run_pipeline(aiter(dump), compressor, gate.send,
+                while True:
+                    try:
+                        async with adapter.dump(database) as dump:
+                            compressor = make_compressor(
+                                source.compression, source.compression_level,
+                                threads=ZSTD_WORKERS,
+                            )
+                            stall = source.stall_timeout
+                            if isinstance(dump, PipeDump):  # read, compressed, hashed off the loop
+                                result = await pump(dump, compressor, gate.send,
                                                     stall_timeout=stall, progress=progress)
-                    dump_meta = adapter.dump_metadata(dump)
+                            else:
+                                result = await run_pipeline(aiter(dump), compressor, gate.send,
+                                                            stall_timeout=stall,
+                                                            progress=progress)
+                            dump_meta = adapter.dump_metadata(dump)
+                        break
+                    except ChannelLate as late:
+                        # Leaving the dump's context stopped the tool: no snapshot or
+                        # table lock is held while the connection is retried.
+                        log.warning("%s/%s: %s; stopped the dump, to start it again once "
+                                    "the collector answers", source.name,
+                                    escape_control(database), late)
+                        await asyncio.wait({opening})
+                        opening.result()  # the connection's error, if it never came
+                        gate = HeadStart(opening, _send_data)  # nothing held: all sent
+                        progress.raw_bytes = progress.sent_bytes = 0
                 channel = await gate.channel()
             except DumpError as exc:
                 opened = await gate.opened()

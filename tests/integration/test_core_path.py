@@ -302,6 +302,7 @@ class HoldingProxy(LoopbackProxy):
         self.hold = hold
         self.marker = ""
         self.dump_seen_while_held: list[bool] = []
+        self.dump_running_at_release: list[bool] = []
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         deadline = asyncio.get_running_loop().time() + self.hold
@@ -310,6 +311,7 @@ class HoldingProxy(LoopbackProxy):
             seen = seen or agent_dump_running(self.marker)
             await asyncio.sleep(0.01)
         self.dump_seen_while_held.append(seen)
+        self.dump_running_at_release.append(agent_dump_running(self.marker))
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         await asyncio.gather(self.copy(reader, up_writer), self.copy(up_reader, writer),
                              return_exceptions=True)
@@ -333,14 +335,14 @@ def agent_dump_running(marker: str) -> bool:
     return False
 
 
-async def test_the_dump_starts_while_the_collector_connection_is_being_made(
-    mariadb: MariaDBServer, bulky: str, deployment: Deployment, tmp_path: Path
-) -> None:
-    """The agent dumps while it connects; what it makes meanwhile is sent whole after."""
+async def back_up_bulky_with_the_connection_held(
+    hold: float, mariadb: MariaDBServer, deployment: Deployment, tmp_path: Path
+) -> HoldingProxy:
+    """Back up `bulky` while a proxy holds the agent's connection for ``hold`` seconds."""
     pw = password_file(tmp_path, mariadb.root_password)
     async with (
         running_collector(deployment.collector_toml()) as (_, port),
-        HoldingProxy(port, hold=2.0) as proxy,
+        HoldingProxy(port, hold=hold) as proxy,
     ):
         config = deployment.agent_toml(
             "db1", proxy.port, mysql_source(mariadb.port, '["bulky"]', password_file=pw)
@@ -348,13 +350,39 @@ async def test_the_dump_starts_while_the_collector_connection_is_being_made(
         proxy.marker = str(config)
         run = await run_agent(config)
     assert run.returncode == 0, run.stdout + run.stderr
+    return proxy
+
+
+async def test_the_dump_starts_while_the_collector_connection_is_being_made(
+    mariadb: MariaDBServer, bulky: str, deployment: Deployment, tmp_path: Path
+) -> None:
+    """The agent dumps while it connects; what it makes meanwhile is sent whole after."""
+    proxy = await back_up_bulky_with_the_connection_held(2.0, mariadb, deployment, tmp_path)
     assert proxy.dump_seen_while_held == [True], "the dump waited for the SSH connection"
+    assert "stopped the dump" not in log_text(deployment.agent_logs)
     (backup,) = (deployment.store / "db1" / "bulky").glob("*.sql.zst")
     manifest = json.loads(Path(f"{backup}.manifest.json").read_text())
     assert manifest["verified"] is True
     assert manifest["verification"]["uncompressed_bytes"] > 50 * 1024 * 1024
     restore(mariadb, backup, "restored_bulky")
     assert table_checksums(mariadb, "restored_bulky") == table_checksums(mariadb, "bulky")
+
+
+async def test_a_dump_waiting_too_long_for_the_collector_is_stopped_and_started_again(
+    mariadb: MariaDBServer, bulky: str, deployment: Deployment, tmp_path: Path
+) -> None:
+    """The collector answers only after 8 s: the dump fills its head start, waits 5 s,
+    is stopped (no snapshot or table lock held meanwhile) and runs again once the
+    connection is made; the backup is whole."""
+    proxy = await back_up_bulky_with_the_connection_held(8.0, mariadb, deployment, tmp_path)
+    assert proxy.dump_seen_while_held == [True]
+    assert proxy.dump_running_at_release == [False], "the dump held its snapshot all along"
+    assert "stopped the dump, to start it again once the collector answers" in log_text(
+        deployment.agent_logs
+    )
+    (backup,) = (deployment.store / "db1" / "bulky").glob("*.sql.zst")
+    restore(mariadb, backup, "restored_late")
+    assert table_checksums(mariadb, "restored_late") == table_checksums(mariadb, "bulky")
 
 
 async def test_connection_cut_mid_stream_leaves_nothing(

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agent.headstart import HeadStart
+from agent.headstart import ChannelLate, HeadStart
 from common.errors import RejectedError
 
 
@@ -52,6 +52,25 @@ async def test_sending_waits_for_the_channel_once_the_limit_is_reached() -> None
     opened.set_result(channel)
     await asyncio.wait_for(blocked, 5)
     assert channel.sent == [b"x" * 8, b"y" * 8]
+
+
+async def test_a_full_head_start_gives_up_after_its_patience_and_leaves_opening_running() -> None:
+    """The collector is down: the dump must stop rather than hold its snapshot and its
+    table lock while the connection is retried."""
+    opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+    opening = asyncio.ensure_future(opened)
+    gate = HeadStart(opening, record, limit=10, patience=0.1)
+    await gate.send(b"x" * 8)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ChannelLate, match=r"after 0\.1 s with 8 bytes held"):
+        await gate.send(b"y" * 8)
+    assert asyncio.get_running_loop().time() - started >= 0.1
+    assert not opening.done(), "the connection goes on being made"
+    channel = Channel()
+    opened.set_result(channel)
+    again = HeadStart(opening, record, limit=10, patience=0.1)  # the dump, started anew
+    await again.send(b"z")
+    assert channel.sent == [b"z"], "what the stopped dump made is dropped"
 
 
 async def test_a_dump_that_ends_within_the_head_start_is_sent_when_the_channel_opens() -> None:
