@@ -25,13 +25,10 @@ from collector.outcomes import FanOut
 from collector.session import BackhaulSession, SessionContext
 from collector.storage import Store
 from common.errors import TransportError
-from common.frames import HEADER_SIZE, MAX_DATA_PAYLOAD
 from common.identity import AgentAuthenticator
 from common.logsetup import escape_control
 
 log = logging.getLogger(__name__)
-# The most channel data an agent may put in one SSH packet: one whole DATA frame.
-PACKET_SIZE = MAX_DATA_PAYLOAD + HEADER_SIZE
 # What session_requested returns: the channel and its session, or False to refuse.
 _NewSession = tuple[asyncssh.SSHServerChannel[bytes], BackhaulSession] | bool
 
@@ -288,7 +285,7 @@ class CollectorServer:
             "agent_forwarding": False,
             "x11_forwarding": False,
             "encoding": None,
-            "max_pktsize": PACKET_SIZE,
+            "max_pktsize": 256 * 1024,
             "window": 8 * 1024 * 1024,
         }
 

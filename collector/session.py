@@ -48,7 +48,7 @@ from common.events import (
     Stored,
     encode_payload,
 )
-from common.frames import MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD, encode_frame
+from common.frames import MAX_CONTROL_PAYLOAD, encode_frame
 from common.logsetup import escape_control
 from common.naming import check_database_name, extension_for
 from common.protocol import SUBSYSTEM, Closed, Connection, Role, State
@@ -186,9 +186,7 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._inbox: _Inbox | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
-        # Agents may send DATA frames up to the protocol's cap: with one frame per SSH
-        # packet, 1 MiB frames cost the collector 7 % less CPU per backup than 256 KiB.
-        self._conn = Connection(Role.COLLECTOR, max_data=MAX_DATA_PAYLOAD)
+        self._conn = Connection(Role.COLLECTOR)
         self._received = 0  # bytes that arrived on the channel, counted on arrival
         self._deadline = 0.0  # loop time by which the request must be complete
         self._start_timer: asyncio.TimerHandle | None = None

@@ -497,7 +497,7 @@ HOSTILE: dict[str, tuple[Script, str]] = {
         "too_large",
     ),
     "DATA over the negotiated size": (
-        frames((B, begin_json()), (D, b"\0" * (MAX_DATA_PAYLOAD + 1))),
+        frames((B, begin_json()), (D, b"\0" * (DEFAULT_DATA_PAYLOAD + 1))),
         "too_large",
     ),
     "database name over 256 characters": (frames((B, begin_json("x" * 300))), "protocol"),
@@ -887,19 +887,6 @@ async def test_different_content_the_same_day_never_overwrites(running: Collecto
         assert file.stat().st_mode & 0o777 == 0o440, file
         with pytest.raises(PermissionError) if os.geteuid() != 0 else contextlib.nullcontext():
             file.open("ab").close()
-
-
-async def test_the_collector_takes_data_frames_up_to_the_protocol_cap(running: Collector) -> None:
-    """The collector's HELLO offers 1 MiB DATA frames, and a frame of exactly that lands."""
-    body = os.urandom(3 * MAX_DATA_PAYLOAD // 2).hex().encode()  # incompressible: > 1 MiB
-    payload = sql_dump(body)
-    assert len(payload) > MAX_DATA_PAYLOAD
-    async with await running.connect() as agent:
-        channel = await open_channel(agent)
-        assert channel.max_data == MAX_DATA_PAYLOAD
-        channel.close()
-        stored = await backup(agent, "hospital", payload)
-    assert (running.store / "db1" / "hospital" / stored.name).read_bytes() == payload
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
