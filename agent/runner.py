@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agent.config import AgentConfig, SourceConfig
 from agent.headstart import ChannelLate, HeadStart
 from agent.link import LinkDown, PendingClient, settle
-from agent.pipeline import DumpStalled, Progress, run_pipeline
+from agent.pipeline import DumpStalled, Progress, StreamResult, run_pipeline
 from agent.pump import PipeDump, pump
 from agent.retry import retry
 from agent.sources import Adapter, adapter_for
@@ -196,20 +197,8 @@ class BackupRunner:
             try:
                 while True:
                     try:
-                        async with adapter.dump(database) as dump:
-                            compressor = make_compressor(
-                                source.compression, source.compression_level,
-                                threads=ZSTD_WORKERS,
-                            )
-                            stall = source.stall_timeout
-                            if isinstance(dump, PipeDump):  # read, compressed, hashed off the loop
-                                result = await pump(dump, compressor, gate.send,
-                                                    stall_timeout=stall, progress=progress)
-                            else:
-                                result = await run_pipeline(aiter(dump), compressor, gate.send,
-                                                            stall_timeout=stall,
-                                                            progress=progress)
-                            dump_meta = adapter.dump_metadata(dump)
+                        result, dump_meta = await _dump_into(gate.send, source, adapter,
+                                                             database, progress)
                         break
                     except ChannelLate as late:
                         # Leaving the dump's context stopped the tool: no snapshot or
@@ -219,7 +208,7 @@ class BackupRunner:
                                     escape_control(database), late)
                         await asyncio.wait({opening})
                         opening.result()  # the connection's error, if it never came
-                        gate = HeadStart(opening, _send_data)  # nothing held: all sent
+                        gate = HeadStart(opening, _send_data)  # the stopped dump's bytes: dropped
                         progress.raw_bytes = progress.sent_bytes = 0
                 channel = await gate.channel()
             except DumpError as exc:
@@ -308,6 +297,24 @@ class BackupRunner:
             await channel.expect(Ack, timeout=60)
         finally:
             channel.close()
+
+
+async def _dump_into(send: Callable[[bytes], Awaitable[None]], source: SourceConfig,
+                     adapter: Adapter, database: str,
+                     progress: Progress) -> tuple[StreamResult, dict[str, Any]]:
+    """Run the dump of ``database``, its output compressed and hashed into ``send``;
+    returns the stream's totals and the adapter's facts about the dump. Leaving early
+    (an error, a cancellation) stops the dump tool."""
+    async with adapter.dump(database) as dump:
+        compressor = make_compressor(source.compression, source.compression_level,
+                                     threads=ZSTD_WORKERS)
+        stall = source.stall_timeout
+        if isinstance(dump, PipeDump):  # read, compressed, hashed off the loop
+            result = await pump(dump, compressor, send, stall_timeout=stall, progress=progress)
+        else:
+            result = await run_pipeline(aiter(dump), compressor, send, stall_timeout=stall,
+                                        progress=progress)
+        return result, adapter.dump_metadata(dump)
 
 
 async def _send_data(channel: Channel, data: bytes) -> None:
