@@ -889,13 +889,6 @@ async def test_different_content_the_same_day_never_overwrites(running: Collecto
             file.open("ab").close()
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_uploads_side_by_side_are_each_verified_and_counted_back(
     running: Collector,
 ) -> None:
@@ -907,14 +900,14 @@ async def test_uploads_side_by_side_are_each_verified_and_counted_back(
         for count, (name, payload) in enumerate(payloads.items(), start=1):
             await channels[name].send(Begin(**fresh(begin_json(name))))
             await channels[name].send(Data(payload[:1000]))
-            await until(lambda count=count: running.ctx.uploads == count)  # type: ignore[misc]
+            await _until(lambda count=count: running.ctx.uploads == count)  # type: ignore[misc]
         for name, payload in payloads.items():
             await channels[name].send(Data(payload[1000:]))
             await channels[name].send(End(len(payload), sha256(payload), {}))
         for name in payloads:
             assert isinstance(await channels[name].expect(Stored, timeout=30), Stored)
             channels[name].close()
-        await until(lambda: running.ctx.uploads == 0)
+        await _until(lambda: running.ctx.uploads == 0)
         corrupt = await open_channel(agent)
         await corrupt.send(Begin(**fresh(begin_json("c"))))
         await corrupt.send(Data(payloads["a"]))
@@ -922,7 +915,7 @@ async def test_uploads_side_by_side_are_each_verified_and_counted_back(
         with pytest.raises(RejectedError, match="SHA-256 mismatch"):
             await corrupt.expect(Stored, timeout=30)
         corrupt.close()
-        await until(lambda: running.ctx.uploads == 0)
+        await _until(lambda: running.ctx.uploads == 0)
     for name, payload in payloads.items():
         (stored,) = (running.store / "db1" / name).glob("*.sql.zst")
         assert stored.read_bytes() == payload
