@@ -182,6 +182,11 @@ def buffered_command(tool: str, path: str | None = None) -> list[str]:
     return [stdbuf, f"--output={DUMP_OUTPUT_BUFFER}", tool]
 
 
+def _cannot_start(program: str, reason: object) -> DumpError:
+    """The one wording for a program that could not be started, named by file name."""
+    return DumpError(f"cannot start {Path(program).name}: {reason}")
+
+
 def _check_executable(tool: str) -> None:
     """Raises:
         DumpError: ``tool`` is missing or not an executable file.
@@ -189,9 +194,9 @@ def _check_executable(tool: str) -> None:
     try:
         is_file = stat.S_ISREG(os.stat(tool).st_mode)
     except OSError as exc:
-        raise DumpError(f"cannot start {Path(tool).name}: {exc.strerror or exc}") from None
+        raise _cannot_start(tool, exc.strerror or exc) from None
     if not is_file or not os.access(tool, os.X_OK):
-        raise DumpError(f"cannot start {Path(tool).name}: not an executable file")
+        raise _cannot_start(tool, "not an executable file")
 
 
 def _minimal_env() -> dict[str, str]:
@@ -277,9 +282,7 @@ class MySQLDump:
             os.close(read_fd)
             self._remove_option_file()
             # Named for what failed to start: stdbuf when the tool runs behind it.
-            raise DumpError(
-                f"cannot start {Path(command[0]).name}: {exc.strerror or exc}"
-            ) from exc
+            raise _cannot_start(command[0], exc.strerror or exc) from exc
         except BaseException:
             os.close(read_fd)
             self._remove_option_file()
