@@ -3,7 +3,8 @@
 
 One run starts a throwaway MariaDB on loopback, fills one database with about
 ``--size-gb`` GB of realistic rows, starts a real collector (``backhaul-collector
-serve``) and a loopback ``sshd`` for the baselines, then times, interleaved::
+serve``) and a loopback ``sshd`` for the baselines, then times, round by round, each
+round in the next order of a balanced Latin square (``balanced_order``)::
 
     A  backhaul-agent backup --config agent.toml --database DB   (to the collector)
     B  mariadb-dump ... DB | zstd -3 | ssh host 'cat > file'      (streaming pipe)
@@ -59,7 +60,9 @@ from _common import (
     REPO,
     BenchError,
     agent_toml,
+    balanced_order,
     collector_toml,
+    compile_sources,
     fmt,
     free_port,
     log,
@@ -464,6 +467,7 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         self.check_tools()
+        compile_sources()
         self.start_mariadb()
         self.start_collector()
         self.start_sshd()
@@ -473,7 +477,7 @@ class Bench:
         load_before = os.getloadavg()
         started = time.monotonic()
         for round_no in range(1, self.args.repeat + 1):
-            for method in order:
+            for method in balanced_order(order, round_no):
                 label = method_label(method, self.args.variant)
                 log(f"round {round_no}/{self.args.repeat}: {method} {label}")
                 run = self.run_method(method, round_no)
@@ -536,7 +540,8 @@ class Bench:
             by_method.setdefault(run.method, []).append(run)
         sql_bytes = self.dataset["sql_bytes"]
         summary: dict[str, Any] = {}
-        for method, runs in by_method.items():
+        for method in (m for m in METHODS if m in by_method):  # A, B, C, D whatever ran first
+            runs = by_method[method]
             secs = [r.seconds for r in runs]
             compressed = [r.compressed_bytes for r in runs if r.compressed_bytes is not None]
             summary[method] = {

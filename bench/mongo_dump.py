@@ -63,7 +63,9 @@ from _common import (
     BenchError,
     Timed,
     agent_toml,
+    balanced_order,
     collector_toml,
+    compile_sources,
     fmt,
     free_port,
     log,
@@ -507,12 +509,13 @@ class Bench:
         return next(r.document_bytes for r in self.runs if r.method in "RFMP")
 
     def run(self) -> dict[str, Any]:
+        compile_sources()
         self.start()
         order = [m for m in "RFMPA" if m in self.args.methods]
         read_raw_batches(self.server.uri)  # warm nx's caches, untimed
         load_before = os.getloadavg()
         for round_no in range(1, self.args.repeat + 1):
-            for method in order:
+            for method in balanced_order(order, round_no):
                 run = self.measure(method, round_no)
                 self.runs.append(run)
                 rate = run.document_bytes / run.seconds / 1e6
