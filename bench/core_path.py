@@ -13,9 +13,13 @@ round in the next order of a balanced Latin square (``balanced_order``)::
     E  backhaul-agent with extra [[sources]] keys (only with --variant)
 
 Every method uses the same dump options as the agent and the same credentials, given
-through a ``--defaults-extra-file``. Peak RSS of the agent is sampled from
-``/proc/<pid>/status`` (VmHWM) until it exits and cross-checked with ``wait4``'s
-``ru_maxrss``; the collector's VmHWM is reset before each backup and read after it.
+through a ``--defaults-extra-file``. Both sides share the machine at equal priority;
+``--receiver-nice N`` runs the receiving side of every method (the collector; sshd and
+the processes it forks) at niceness N instead, so that it stands for another machine and
+gets what the sending side leaves idle rather than competing with the dump.
+Peak RSS of the agent is sampled from ``/proc/<pid>/status`` (VmHWM) until it exits and
+cross-checked with ``wait4``'s ``ru_maxrss``; the collector's VmHWM is reset before each
+backup and read after it.
 
 Usage::
 
@@ -97,6 +101,9 @@ METHODS = {
 BACKHAUL_METHODS = ("A", "E")
 TARGET_PIPE_RATIO = 1.0
 TARGET_AGENT_RSS_MIB = 80.0
+def niced(command: list[str], nice: int) -> list[str]:
+    """``command`` run at niceness ``nice`` (threads and children inherit it)."""
+    return ["nice", "-n", str(nice), *command] if nice else command
 
 
 def method_label(method: str, variant: list[str]) -> str:
@@ -136,8 +143,9 @@ def console_script(name: str, module: str) -> list[str]:
 class Sshd:
     """A loopback sshd for the baselines, run in the foreground as the current user."""
 
-    def __init__(self, root: Path, keygen: Any, client_pub: Path) -> None:
+    def __init__(self, root: Path, keygen: Any, client_pub: Path, nice: int) -> None:
         self.root = root
+        self.nice = nice
         self.port = free_port()
         self.binary = shutil.which("sshd", path=SBIN_PATH)
         if self.binary is None:
@@ -190,7 +198,7 @@ class Sshd:
             raise BenchError(f"sshd refused its test configuration: {check.stderr.strip()}")
         with self.log.open("wb") as err:
             self.proc = subprocess.Popen(
-                [self.binary, "-D", "-e", "-f", str(self.config)],
+                niced([self.binary, "-D", "-e", "-f", str(self.config)], self.nice),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
             )
         wait_for_ssh_banner(self.port, self.proc, "sshd")
@@ -304,8 +312,8 @@ class Bench:
         self.collector_log = self.tmp / "collector.stderr"
         with self.collector_log.open("wb") as err:
             self.collector = subprocess.Popen(
-                [*console_script("backhaul-collector", "collector.cli"), "serve", "--config",
-                 str(self.collector_config)],
+                niced([*console_script("backhaul-collector", "collector.cli"), "serve",
+                       "--config", str(self.collector_config)], self.args.receiver_nice),
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err,
             )
         try:
@@ -335,7 +343,7 @@ class Bench:
     def start_sshd(self) -> None:
         (self.tmp / "sshd").mkdir(exist_ok=True)
         self.sshd = Sshd(self.tmp / "sshd", self.harness.ssh_keygen,
-                         self.agent_key.with_suffix(".pub"))
+                         self.agent_key.with_suffix(".pub"), self.args.receiver_nice)
         log(f"starting sshd on {HOST}:{self.sshd.port}")
         self.sshd.start()
         self.remote = self.tmp / "remote"
@@ -588,7 +596,8 @@ class Bench:
             "benchmark": "core_path",
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "args": {"size_gb": self.args.size_gb, "repeat": self.args.repeat,
-                     "methods": self.args.methods, "variant": self.args.variant},
+                     "methods": self.args.methods, "variant": self.args.variant,
+                     "receiver_nice": self.args.receiver_nice},
             "labels": {m: method_label(m, self.args.variant) for m in self.args.methods},
             "machine": {**machine_info(load_before, tool_versions()),
                         "source": source_revision()},
@@ -699,6 +708,10 @@ def print_report(result: dict[str, Any]) -> None:
         dirty = f", {len(source['changed_files'])} changed file(s)" if source["changed_files"] \
             else ""
         print(f"source: commit {source['commit'][:12]}{dirty}")
+    nice = result["args"]["receiver_nice"]
+    print(f"receiving side (collector; sshd and its children) at nice {nice}"
+          + (": a stand-in for another machine, it gets what the sending side leaves idle"
+             if nice else ", as the sending side: both compete for the same CPUs"))
     print(f"dataset: `{data['database']}`, {data['rows']:,} rows, SQL dump "
           f"{data['sql_bytes'] / 1e9:.3f} GB ({data['sql_bytes']:,} bytes), "
           f"generated in {data['generate_seconds']:.0f} s")
@@ -770,6 +783,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "'record_checksums = false' or 'compression_level = 1'; adds "
                              "method E, Backhaul with these keys, timed alongside A "
                              "(repeatable)")
+    parser.add_argument("--receiver-nice", type=int, default=0, metavar="N",
+                        help="niceness of the receiving side, the collector and sshd, "
+                             "as a stand-in for another machine (0 to 19; default 0, "
+                             "equal priority with the sending side)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed rounds, run one more backup under py-spy")
     parser.add_argument("--check", action="store_true",
@@ -779,6 +796,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.size_gb <= 0 or args.repeat < 1:
         parser.error("--size-gb must be positive and --repeat at least 1")
+    if not 0 <= args.receiver_nice <= 19:
+        parser.error("--receiver-nice must be between 0 and 19")
     args.methods = "".join(m for m in METHODS if m in args.methods.upper())
     if args.variant and "E" not in args.methods:
         args.methods += "E"
