@@ -82,6 +82,11 @@ def _worth_reporting_again(exc: BaseException) -> bool:
     return isinstance(exc, TransportError) and not isinstance(exc, CollectorTrustError)
 
 
+def _now() -> str:
+    """The time now, as BEGIN and REPORT carry it (UTC, whole seconds)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def _reason(exc: BaseException) -> str:
     """One word for metrics and alerts."""
     if isinstance(exc, DumpError):
@@ -182,13 +187,18 @@ class BackupRunner:
                       size_estimate: int | None, metadata: dict[str, Any]) -> Stored:
         if isinstance(self.client, PendingClient) and self.client.failed:
             await self.client.get()  # raises LinkDown: no dump for a run that is over
-        begin = Begin(
-            database=database, engine=adapter.engine, format=adapter.format,
-            compression=source.compression,
-            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            size_estimate=size_estimate, source=source.name,
-        )
-        # The dump starts now and the channel opens meanwhile (agent.headstart).
+        # When the dump whose bytes follow BEGIN started: now, as it starts while the
+        # channel opens (agent.headstart); None once a dump is stopped to start again
+        # when the channel is open, so that BEGIN gives the time it goes out.
+        dump_started: str | None = _now()
+
+        def begin() -> Begin:
+            return Begin(
+                database=database, engine=adapter.engine, format=adapter.format,
+                compression=source.compression, started_at=dump_started or _now(),
+                size_estimate=size_estimate, source=source.name,
+            )
+
         opening = asyncio.get_running_loop().create_task(self._open(begin))
         gate = HeadStart(opening, _send_data)
         try:
@@ -206,6 +216,7 @@ class BackupRunner:
                         log.warning("%s/%s: %s; stopped the dump, to start it again once "
                                     "the collector answers", source.name,
                                     escape_control(database), late)
+                        dump_started = None  # the backup's day is that of the next dump
                         await asyncio.wait({opening})
                         opening.result()  # the connection's error, if it never came
                         gate = HeadStart(opening, _send_data)  # the stopped dump's bytes: dropped
@@ -234,8 +245,8 @@ class BackupRunner:
             if (opened := await settle(opening)) is not None:
                 opened.close()
 
-    async def _open(self, begin: Begin) -> Channel:
-        """A channel to the collector on which ``begin`` is sent and answers are watched.
+    async def _open(self, begin: Callable[[], Begin]) -> Channel:
+        """A channel to the collector on which ``begin()`` is sent and answers are watched.
 
         Raises:
             LinkDown: the run's pending connection could not be made.
@@ -244,7 +255,7 @@ class BackupRunner:
         client = await self._collector()
         channel = await client.channel()
         try:
-            await channel.send(begin)
+            await channel.send(begin())
         except BaseException:
             channel.close()
             raise
@@ -269,7 +280,7 @@ class BackupRunner:
         label = f"{source.name}/{escape_control(database or '*')}"
         report = Report(
             reason=_reason(exc), message=str(exc)[:1000], database=database,
-            source=source.name, at=datetime.now(UTC).isoformat(timespec="seconds"),
+            source=source.name, at=_now(),
         )
         attempts = 0
         client = await self._collector()

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -303,6 +304,7 @@ class HoldingProxy(LoopbackProxy):
         self.marker = ""
         self.dump_seen_while_held: list[bool] = []
         self.dump_running_at_release: list[bool] = []
+        self.released_at: list[datetime] = []
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         deadline = asyncio.get_running_loop().time() + self.hold
@@ -312,6 +314,7 @@ class HoldingProxy(LoopbackProxy):
             await asyncio.sleep(0.01)
         self.dump_seen_while_held.append(seen)
         self.dump_running_at_release.append(agent_dump_running(self.marker))
+        self.released_at.append(datetime.now(UTC))
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         await asyncio.gather(self.copy(reader, up_writer), self.copy(up_reader, writer),
                              return_exceptions=True)
@@ -363,6 +366,9 @@ async def test_the_dump_starts_while_the_collector_connection_is_being_made(
     (backup,) = (deployment.store / "db1" / "bulky").glob("*.sql.zst")
     manifest = json.loads(Path(f"{backup}.manifest.json").read_text())
     assert manifest["verified"] is True
+    # The backup is dated by its dump, which began while the connection was held.
+    (released,) = proxy.released_at
+    assert datetime.fromisoformat(manifest["started_at"]) <= released - timedelta(seconds=1)
     assert manifest["verification"]["uncompressed_bytes"] > 50 * 1024 * 1024
     restore(mariadb, backup, "restored_bulky")
     assert table_checksums(mariadb, "restored_bulky") == table_checksums(mariadb, "bulky")
@@ -381,6 +387,11 @@ async def test_a_dump_waiting_too_long_for_the_collector_is_stopped_and_started_
         deployment.agent_logs
     )
     (backup,) = (deployment.store / "db1" / "bulky").glob("*.sql.zst")
+    # Dated by the dump that made it, started once the connection went through, not by
+    # the one stopped 8 s earlier: across midnight, that one would name the wrong day.
+    manifest = json.loads(Path(f"{backup}.manifest.json").read_text())
+    (released,) = proxy.released_at
+    assert datetime.fromisoformat(manifest["started_at"]) >= released - timedelta(seconds=1)
     restore(mariadb, backup, "restored_late")
     assert table_checksums(mariadb, "restored_late") == table_checksums(mariadb, "bulky")
 
