@@ -40,6 +40,7 @@ class ServerConfig:
     idle_timeout: float = 300.0
     max_connections: int = 200
     max_connections_per_agent: int = 8
+    max_unauthenticated_per_address: int = 0  # handshakes in progress per address; 0: no cap
     max_channels_per_connection: int = 16
     clock_skew: float = 600.0
     handshake_timeout: float = 30.0  # channel open to HELLO + request
@@ -153,6 +154,8 @@ def _server(table: Table) -> ServerConfig:
         idle_timeout=table.number("idle_timeout", 300.0, low=1),
         max_connections=table.integer("max_connections", 200, low=1),
         max_connections_per_agent=table.integer("max_connections_per_agent", 8, low=1),
+        max_unauthenticated_per_address=table.integer("max_unauthenticated_per_address", 0,
+                                                      low=0),
         max_channels_per_connection=table.integer("max_channels_per_connection", 16, low=1),
         clock_skew=table.number("clock_skew", 600.0, low=0),
         handshake_timeout=table.number("handshake_timeout", 30.0, low=1),

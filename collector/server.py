@@ -48,13 +48,19 @@ def make_authenticator(config: CollectorConfig) -> AgentAuthenticator:
 
 @dataclass
 class ConnectionCaps:
-    """Live connection counts, overall and per authenticated agent."""
+    """Live connection counts: overall, per authenticated agent, and per address of
+    those not authenticated yet. With a cap on the last (off by default, as OpenSSH's
+    PerSourceMaxStartups: agents behind one NAT address all connect at the scheduled
+    minute), one host cannot fill the overall cap with handshakes it never finishes and
+    lock the agents out until the login timeout."""
 
     max_total: int
     max_per_agent: int
     max_channels: int = 16  # per connection; twice as many are refused outright
+    max_unauthenticated_per_address: int = 0  # 0: no cap
     total: int = 0
     per_agent: Counter[str] = field(default_factory=Counter)
+    unauthenticated: Counter[str] = field(default_factory=Counter)  # by address
     live: set[asyncssh.SSHServerConnection] = field(default_factory=set)
 
 
@@ -69,6 +75,7 @@ class CollectorSSHServer(asyncssh.SSHServer):
         self._caps = caps
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer = "?"
+        self._address: str | None = None  # counted as not authenticated yet
         self._agent: str | None = None
         self._counted = False
         self._over_cap = False
@@ -88,6 +95,24 @@ class CollectorSSHServer(asyncssh.SSHServer):
             log.warning("refusing connection from %s: %d connections open (cap %d)",
                         self._peer, self._caps.total - 1, self._caps.max_total)
             conn.close()
+            return
+        if peer:
+            self._address = str(peer[0])
+            self._caps.unauthenticated[self._address] += 1
+            waiting = self._caps.unauthenticated[self._address]
+            cap = self._caps.max_unauthenticated_per_address
+            if cap and waiting > cap:
+                log.warning("refusing connection from %s: %d connections from that address "
+                            "not authenticated yet (cap %d)", self._peer, waiting - 1, cap)
+                conn.close()
+
+    def _authenticated_or_gone(self) -> None:
+        """Stop counting this connection as one of its address's handshakes."""
+        if self._address is not None:
+            self._caps.unauthenticated[self._address] -= 1
+            if self._caps.unauthenticated[self._address] <= 0:
+                del self._caps.unauthenticated[self._address]
+            self._address = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -99,6 +124,7 @@ class CollectorSSHServer(asyncssh.SSHServer):
         if self._counted:
             self._caps.total -= 1
             self._counted = False
+        self._authenticated_or_gone()
         if self._agent is not None:
             self._caps.per_agent[self._agent] -= 1
             if self._caps.per_agent[self._agent] <= 0:
@@ -124,6 +150,7 @@ class CollectorSSHServer(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         assert self._conn is not None
         agent = self._conn.get_extra_info("username")
+        self._authenticated_or_gone()
         self._agent = agent
         self._caps.per_agent[agent] += 1
         if self._caps.per_agent[agent] > self._caps.max_per_agent:
@@ -263,7 +290,8 @@ class CollectorServer:
         self.agents = frozenset(a.name for a in config.agents)
         self.caps = ConnectionCaps(config.server.max_connections,
                                    config.server.max_connections_per_agent,
-                                   config.server.max_channels_per_connection)
+                                   config.server.max_channels_per_connection,
+                                   config.server.max_unauthenticated_per_address)
         self._server: asyncssh.SSHAcceptor | None = None
 
     @property

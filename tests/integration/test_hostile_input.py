@@ -38,7 +38,7 @@ from collector.config import ServerConfig, load_collector_config
 from collector.outcomes import FanOut
 from collector.server import CollectorServer, make_context
 from collector.session import SessionContext
-from common.errors import RejectedError, TransportError
+from common.errors import ConfigError, RejectedError, TransportError
 from common.events import (
     Begin,
     Data,
@@ -1311,6 +1311,51 @@ async def test_too_many_connections_overall_are_dropped(deployment: Deployment) 
         await held[0].__aexit__()
         await _until(lambda: c.server.caps.total < 3)
         await still_serves_others(c)
+
+
+async def _handshake_never_finished(
+    port: int, source: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection from ``source`` that reads the server's banner and sends nothing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"SSH-2.0-")
+    return reader, writer
+
+
+async def test_one_address_cannot_hold_more_than_its_share_of_handshakes(
+    deployment: Deployment,
+) -> None:
+    """Over max_unauthenticated_per_address the newcomer from that address is dropped at
+    once; agents from elsewhere still get in, and a finished handshake frees its slot."""
+    server = "login_timeout = 60\nidle_timeout = 30\nmax_unauthenticated_per_address = 2"
+    async with collector(deployment, server=server) as c:
+        stalling = [await _handshake_never_finished(c.port, "127.0.0.2") for _ in range(2)]
+        extra, _ = await asyncio.open_connection("127.0.0.1", c.port,
+                                                 local_addr=("127.0.0.2", 0))
+        ending = await asyncio.wait_for(extra.read(), 5)  # to EOF: the third is dropped
+        assert b"Disconnected" in ending
+        await logged(c, "refusing connection from 127.0.0.2:",
+                     "2 connections from that address not authenticated yet (cap 2)")
+        assert c.server.caps.unauthenticated["127.0.0.2"] == 2
+        await still_serves_others(c)  # from 127.0.0.1, authenticated: not counted
+        assert "127.0.0.1" not in c.server.caps.unauthenticated
+        stalling[0][1].close()
+        await _until(lambda: c.server.caps.unauthenticated.get("127.0.0.2", 0) < 2)
+        kept, _ = await _handshake_never_finished(c.port, "127.0.0.2")
+        with pytest.raises(TimeoutError):  # a slot was free again: not dropped
+            await asyncio.wait_for(kept.read(), 1)
+        for _, writer in stalling:
+            writer.close()
+
+
+def test_the_handshake_cap_is_off_by_default_and_refuses_a_negative(
+    deployment: Deployment,
+) -> None:
+    default = load_collector_config(deployment.collector_toml())
+    assert default.server.max_unauthenticated_per_address == 0
+    negative = deployment.collector_toml(server_extra="max_unauthenticated_per_address = -1")
+    with pytest.raises(ConfigError, match="max_unauthenticated_per_address must be between"):
+        load_collector_config(negative)
 
 
 async def test_too_many_channels_on_one_connection_are_answered_busy(
