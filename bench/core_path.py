@@ -101,6 +101,8 @@ METHODS = {
 BACKHAUL_METHODS = ("A", "E")
 TARGET_PIPE_RATIO = 1.0
 TARGET_AGENT_RSS_MIB = 80.0
+
+
 def niced(command: list[str], nice: int) -> list[str]:
     """``command`` run at niceness ``nice`` (threads and children inherit it)."""
     return ["nice", "-n", str(nice), *command] if nice else command

@@ -46,6 +46,13 @@ def make_authenticator(config: CollectorConfig) -> AgentAuthenticator:
     )
 
 
+def _uncount(counter: Counter[str], key: str) -> None:
+    """One fewer for ``key``; a key at zero is dropped, so the counter lists only live ones."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
 @dataclass
 class ConnectionCaps:
     """Live connection counts: overall, per authenticated agent, and per address of
@@ -109,9 +116,7 @@ class CollectorSSHServer(asyncssh.SSHServer):
     def _authenticated_or_gone(self) -> None:
         """Stop counting this connection as one of its address's handshakes."""
         if self._address is not None:
-            self._caps.unauthenticated[self._address] -= 1
-            if self._caps.unauthenticated[self._address] <= 0:
-                del self._caps.unauthenticated[self._address]
+            _uncount(self._caps.unauthenticated, self._address)
             self._address = None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,9 +131,7 @@ class CollectorSSHServer(asyncssh.SSHServer):
             self._counted = False
         self._authenticated_or_gone()
         if self._agent is not None:
-            self._caps.per_agent[self._agent] -= 1
-            if self._caps.per_agent[self._agent] <= 0:
-                del self._caps.per_agent[self._agent]
+            _uncount(self._caps.per_agent, self._agent)
             self._agent = None
 
     def begin_auth(self, username: str) -> bool:
