@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, load_agent_config
 from agent.link import PendingClient
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from agent.restore import RestoreRequest
 # The SSH stack (agent.client, agent.remote, agent.service) is imported where it is
 # used: a one-shot backup loads it in the background while its first dump starts.
-from common.cli import print_error, run_command
+from common.cli import print_error, run_command, run_script
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import escape_control, setup_logging
 from common.memory import keep_freed_memory
@@ -193,5 +193,10 @@ def _print(results: list[BackupResult]) -> None:
     print(summary, file=sys.stdout if not failed else sys.stderr)
 
 
+def script() -> NoReturn:
+    """The ``backhaul-agent`` console script."""
+    run_script(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

@@ -8,14 +8,14 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from certs import ca
 from common.certificates import format_time
-from common.cli import print_error
+from common.cli import print_error, run_script
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.identity import key_fp, load_public_key
 from common.revocation import RevocationEntry
@@ -216,5 +216,10 @@ def _print_issued(issued: ca.IssuedCertificate) -> None:
     )
 
 
+def script() -> NoReturn:
+    """The ``backhaul-certs`` console script."""
+    run_script(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

@@ -15,12 +15,13 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from collector import inventory, listing, prune, storage, verify_status
 from collector.config import CollectorConfig, load_collector_config
 from collector.outcomes import FanOut
 from collector.server import CollectorServer, make_context
-from common.cli import run_command
+from common.cli import run_command, run_script
 from common.errors import ConfigError, ExitCode
 from common.logsetup import SafeFormatter, setup_logging
 from common.memory import keep_freed_memory
@@ -188,5 +189,10 @@ def _verify(config: CollectorConfig, args: argparse.Namespace) -> int:
     return ExitCode.INTEGRITY if run.mismatches else ExitCode.OK
 
 
+def script() -> NoReturn:
+    """The ``backhaul-collector`` console script."""
+    run_script(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from common.cli import run_command
@@ -39,3 +44,49 @@ def test_ctrl_c_is_the_callers_decision_and_success_passes_through() -> None:
 def test_a_bug_is_not_swallowed() -> None:
     with pytest.raises(ZeroDivisionError):
         run_command("prog", lambda: 1 // 0, on_interrupt=lambda: 7)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+# At exit, after the command: are the objects frozen, and did the usual shutdown run?
+WATCH_EXIT = """
+import atexit, gc, logging, sys
+handler = logging.FileHandler(sys.argv[1] + ".log", delay=False)
+logging.getLogger().addHandler(handler)
+logging.getLogger().warning("last line")  # written by logging.shutdown at exit at the latest
+atexit.register(lambda: print("frozen" if gc.get_freeze_count() else "not frozen"))
+sys.stdout.write("unflushed ")
+sys.argv[1:] = ["--help"]
+from {module} import script
+script()
+"""
+
+
+@pytest.mark.parametrize("module", ["agent.cli", "collector.cli", "certs.cli"])
+def test_a_console_script_ends_without_the_last_collections_but_with_a_normal_shutdown(
+    module: str, tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WATCH_EXIT.format(module=module), str(tmp_path / "x")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("unflushed usage:")
+    assert done.stdout.rstrip().endswith("frozen") and "not frozen" not in done.stdout
+    assert (tmp_path / "x.log").read_text() == "last line\n"
+
+
+def test_the_installed_commands_are_the_script_entry_points() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {
+        "backhaul-agent": "agent.cli:script",
+        "backhaul-collector": "collector.cli:script",
+        "backhaul-certs": "certs.cli:script",
+    }
+
+
+def test_a_script_exits_with_the_status_of_its_main() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "from common.cli import run_script; run_script(lambda: 3)"],
+        cwd=ROOT, timeout=60, check=False,
+    )
+    assert done.returncode == 3
