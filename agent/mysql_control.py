@@ -12,6 +12,7 @@ Raises, for every public function:
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,17 @@ class MySQLParams:
         if self.socket:
             return f"socket {self.socket}"
         return f"{self.host}:{self.port}"
+
+    @property
+    def on_this_host(self) -> bool:
+        """Whether the server is reached without leaving this machine: a socket, or a
+        loopback host (``localhost``, 127.0.0.0/8, ``::1``)."""
+        if self.socket or self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may well be another machine
+            return False
 
 
 @dataclass(frozen=True)
@@ -199,6 +211,11 @@ def connect(params: MySQLParams, database: str | None = None) -> Iterator[Any]:
             charset="utf8mb4",
             autocommit=True,
             connect_timeout=_CONNECT_TIMEOUT,
+            # Without TLS options pymysql tries TLS when the server offers it, and for
+            # that loads the system's CA bundle on every connect (20 to 40 ms here,
+            # twice per backup) only to verify nothing. On this host TLS protects
+            # nothing, and the dump tool does not use it either.
+            ssl_disabled=params.on_this_host,
             # A table held by LOCK TABLES ... WRITE would block the preflight for
             # MariaDB's default of a day, before any stall timer runs: fail in a minute.
             init_command=f"SET SESSION lock_wait_timeout = {_LOCK_WAIT_TIMEOUT}",

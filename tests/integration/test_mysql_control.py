@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 
 import pytest
 import sample_data
@@ -11,6 +12,7 @@ from mariadb_server import MariaDBServer
 
 from agent.mysql_control import (
     MySQLParams,
+    connect,
     discover_databases,
     preflight,
     table_checksums,
@@ -50,6 +52,43 @@ def test_params_repr_never_shows_the_password() -> None:
     assert SECRET not in repr(params)
     assert "***" in repr(params)
     assert "backup" in repr(params)
+
+
+@pytest.mark.parametrize(("host", "sock", "local"), [
+    ("127.0.0.1", None, True),
+    ("127.3.2.1", None, True),
+    ("::1", None, True),
+    ("LocalHost", None, True),
+    ("db.example", "/run/mysqld/mysqld.sock", True),
+    ("192.0.2.7", None, False),
+    ("2001:db8::7", None, False),
+    ("db.example", None, False),
+    ("localhost.example", None, False),
+])
+def test_a_server_is_on_this_host_by_its_socket_or_a_loopback_address(
+    host: str, sock: str | None, local: bool,
+) -> None:
+    assert MySQLParams(host, 3306, sock, "backup", None).on_this_host is local
+
+
+@pytest.mark.parametrize("how", ["tcp", "socket"])
+def test_a_connection_on_this_host_neither_tries_tls_nor_loads_the_ca_bundle(
+    server: MariaDBServer, how: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    contexts: list[object] = []
+    real = ssl.create_default_context
+
+    def counted(*args: object, **kwargs: object) -> ssl.SSLContext:
+        contexts.append(args)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    params = tcp_params(server) if how == "tcp" else socket_params(server)
+    with connect(params) as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+        assert cur.connection.ssl is False
+    assert contexts == []
 
 
 def test_discovery_lists_user_databases_and_skips_system_schemas(server: MariaDBServer) -> None:
