@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, load_agent_config
-from agent.link import PendingClient
+from agent.link.pending import PendingClient
 from agent.progress import ProgressDisplay
 from agent.runner import BackupResult, BackupRunner, run_exit_code
 
 if TYPE_CHECKING:
-    from agent.restore import RestoreRequest
-# The SSH stack (agent.client, agent.remote, agent.service) is imported where it is
+    from agent.restore.restore import RestoreRequest
+# The SSH stack (agent.link.connection, agent.link.requests, agent.service) is imported where it is
 # used: a one-shot backup loads it in the background while its first dump starts.
 from common.cli import print_error, run_command, run_script
 from common.errors import BackhaulError, ConfigError, ExitCode
@@ -113,7 +113,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "run":
         return asyncio.run(_run(config, args.grace, args.stop_timeout, stderr_level))
     if args.command == "restore":
-        from agent.restore import RestoreRequest
+        from agent.restore.restore import RestoreRequest
 
         request = RestoreRequest(args.database, args.source, args.date, args.into, args.force)
         return asyncio.run(_restore(config, request))
@@ -154,8 +154,8 @@ async def _run(config: AgentConfig, grace: float, stop_timeout: float,
 
 
 async def _restore(config: AgentConfig, request: RestoreRequest) -> int:
-    from agent.client import CollectorClient
-    from agent.restore import restore
+    from agent.link.connection import CollectorClient
+    from agent.restore.restore import restore
 
     display = ProgressDisplay.for_stream()
     try:
@@ -171,12 +171,12 @@ async def _restore(config: AgentConfig, request: RestoreRequest) -> int:
 
 
 async def _drill(config: AgentConfig, database: str, source: str | None) -> int:
-    from agent.client import CollectorClient
+    from agent.link.connection import CollectorClient
 
     display = ProgressDisplay.for_stream()
     try:
         async with CollectorClient(config) as client:
-            from agent.drill import run_drill  # pymongo and restore code: load on demand
+            from agent.restore.drill import run_drill  # pymongo and restore code: load on demand
 
             result = await run_drill(config, database, source, client, meter=display.meter)
     finally:

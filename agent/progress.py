@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from agent.pipeline import Progress
+from agent.stream.stages import Progress
 from common.logsetup import escape_control
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def human_duration(seconds: float) -> str:
 class Meter(Progress):
     """Counts bytes of one transfer against an optional total and redraws as it goes.
 
-    A :class:`~agent.pipeline.Progress`, so the backup pipeline updates it directly:
+    A :class:`~agent.stream.stages.Progress`, so the backup pipeline updates it directly:
     ``raw_bytes`` (the dump's bytes) is what is measured against the size estimate.
     """
 

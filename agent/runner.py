@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig, SourceConfig
-from agent.headstart import ChannelLate, HeadStart
-from agent.link import LinkDown, PendingClient, settle
-from agent.pipeline import DumpStalled, Progress, StreamResult, run_pipeline
-from agent.pump import PipeDump, pump
-from agent.retry import retry
-from agent.sources import Adapter, adapter_for
+from agent.engines.adapters import Adapter, adapter_for
+from agent.link.pending import LinkDown, PendingClient, settle
+from agent.link.retry import retry
+from agent.stream.compress_thread import PipeDump, pump
+from agent.stream.early_buffer import ChannelLate, HeadStart
+from agent.stream.stages import DumpStalled, Progress, StreamResult, run_pipeline
 from common.compression import make_compressor
 from common.errors import (
     BackhaulError,
@@ -33,8 +33,8 @@ from common.errors import (
 from common.events import Abort, Ack, Begin, Data, End, Report, Stored
 from common.logsetup import escape_control
 
-if TYPE_CHECKING:  # the SSH stack loads in the background (agent.link)
-    from agent.client import Channel, CollectorClient
+if TYPE_CHECKING:  # the SSH stack loads in the background (agent.link.pending)
+    from agent.link.connection import Channel, CollectorClient
 
 log = logging.getLogger(__name__)
 VERDICT_TIMEOUT = 3600.0  # the collector verifies at END; a large backup takes a while
@@ -188,7 +188,7 @@ class BackupRunner:
         if isinstance(self.client, PendingClient) and self.client.failed:
             await self.client.get()  # raises LinkDown: no dump for a run that is over
         # When the dump whose bytes follow BEGIN started: now, as it starts while the
-        # channel opens (agent.headstart); None once a dump is stopped to start again
+        # channel opens (agent.stream.early_buffer); None once a dump is stopped to start again
         # when the channel is open, so that BEGIN gives the time it goes out.
         dump_started: str | None = _now()
 

@@ -39,10 +39,10 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, SourceConfig, load_agent_config
-from agent.remote import ServiceClient, send_report
+from agent.engines.adapters import adapter_for
+from agent.link.requests import ServiceClient, send_report
 from agent.runner import BackupRunner
 from agent.schedule import Schedule, parse_schedule
-from agent.sources import adapter_for
 from common.errors import BackhaulError, ConfigError, DumpError, ExitCode, TransportError
 from common.logsetup import escape_control
 

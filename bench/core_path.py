@@ -279,8 +279,8 @@ class Bench:
         self.password_file.write_text(self.server.root_password + "\n")
         self.password_file.chmod(0o600)
         self.mysql_cnf = self.tmp / "client.cnf"
-        from agent.mysql_control import MySQLParams
-        from agent.mysql_dump import option_file_text
+        from agent.engines.mysql_dump import option_file_text
+        from agent.engines.mysql_inspect import MySQLParams
 
         params = MySQLParams(HOST, self.server.port, None, self.server.root_user,
                              self.server.root_password)
@@ -290,7 +290,7 @@ class Bench:
 
     def dump_command(self) -> list[str]:
         """The dump tool with exactly the agent's arguments, credentials from a file."""
-        from agent.mysql_dump import dump_arguments, find_dump_tool
+        from agent.engines.mysql_dump import dump_arguments, find_dump_tool
 
         return [find_dump_tool(), *dump_arguments(self.mysql_cnf, self.database)]
 

@@ -185,7 +185,7 @@ def fill(uri: str, size_mb: float) -> dict[str, Any]:
 
 def batch_sizes(db: Any) -> dict[str, int]:
     """Each collection's cursor batch size, chosen as the agent's dumper chooses it."""
-    from agent.mongo_dump import batch_size_for
+    from agent.engines.mongo_dump import batch_size_for
 
     sizes = {}
     for name in sorted(db.list_collection_names()):
@@ -234,7 +234,7 @@ def read_rawbson(uri: str) -> tuple[int, int]:
 
 def run_mongodump(uri: str) -> tuple[int, int, int]:
     """(documents, document bytes, archive bytes) of the agent's dumper, consumed here."""
-    from agent.mongo_dump import MongoDump, MongoParams
+    from agent.engines.mongo_dump import MongoDump, MongoParams
 
     async def consume() -> tuple[int, int, int]:
         archive = 0
@@ -255,8 +255,8 @@ def child_pipeline(uri: str, level: int | None) -> None:
     """Run the agent's dump path into a discarding sink; print one JSON line."""
     import agent.runner  # noqa: F401  -- load what the agent loads, for a fair RSS
     from agent.config import SourceConfig
-    from agent.pipeline import run_pipeline
-    from agent.sources import MongoAdapter
+    from agent.engines.adapters import MongoAdapter
+    from agent.stream.stages import run_pipeline
     from common.compression import make_compressor
 
     source = SourceConfig(

@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from collector import inventory, listing, prune, storage, verify_status
 from collector.config import CollectorConfig, load_collector_config
-from collector.outcomes import FanOut
-from collector.server import CollectorServer, make_context
+from collector.report.outcomes import FanOut
+from collector.serve.server import CollectorServer, make_context
+from collector.store import files as storage
+from collector.store import inventory, listing, prune, verify_status
 from common.cli import run_command, run_script
 from common.errors import ConfigError, ExitCode
 from common.logsetup import SafeFormatter, setup_logging
@@ -88,7 +89,7 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
 
     ``ready``, when given, receives the bound port once the server listens.
     """
-    from collector.wiring import build_sinks
+    from collector.report.sinks import build_sinks
 
     sinks, closers = await build_sinks(config)
     ctx = make_context(config, FanOut(*sinks))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import asyncssh
 
-from collector.notify import NotifyConfig, parse_notify_config
-from collector.retention import RetentionPolicy, parse_retention
+from collector.report.notify import NotifyConfig, parse_notify_config
+from collector.store.retention import RetentionPolicy, parse_retention
 from common.config import Table, load_toml, parse_host_port
 from common.errors import ConfigError
 from common.logsetup import DEFAULT_LOG_DIR

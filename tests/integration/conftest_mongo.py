@@ -13,7 +13,7 @@ from typing import Any
 import pymongo
 import pytest
 
-from agent.mongo_dump import MongoParams
+from agent.engines.mongo_dump import MongoParams
 from tests.integration.mongo_server import NxServer
 
 

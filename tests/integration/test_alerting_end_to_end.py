@@ -42,7 +42,7 @@ from mariadb_server import MariaDBServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import CollectorEndpoint
-from agent.retry import RetryPolicy
+from agent.link.retry import RetryPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -31,13 +31,13 @@ import zstandard
 from asyncssh.packet import String
 from harness import Deployment, log_text, stored_files
 
-from agent.client import Channel, CollectorClient
 from agent.config import load_agent_config
+from agent.link.connection import Channel, CollectorClient
 from certs import ca
 from collector.config import ServerConfig, load_collector_config
-from collector.outcomes import FanOut
-from collector.server import CollectorServer, make_context
-from collector.session import SessionContext
+from collector.report.outcomes import FanOut
+from collector.serve.server import CollectorServer, make_context
+from collector.serve.session import SessionContext
 from common.errors import ConfigError, RejectedError, TransportError
 from common.events import (
     Begin,
@@ -304,7 +304,7 @@ def fresh(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 async def open_channel(agent: Agent) -> Channel:
-    """A channel as the real agent opens it (agent.client.Channel), HELLOs exchanged."""
+    """A channel as the real agent opens it (agent.link.connection.Channel), HELLOs exchanged."""
     writer, reader, _ = await agent.conn.open_session(subsystem=SUBSYSTEM, encoding=None)
     channel = Channel(writer, reader)
     await channel.handshake()

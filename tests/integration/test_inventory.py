@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_prune import Site, Stored, run_collector
 
-from collector.metrics import CollectorMetrics, serve_metrics
-from collector.verify_status import STATUS_FILE, VerifyStatusReader
+from collector.report.metrics import CollectorMetrics, serve_metrics
+from collector.store.verify_status import STATUS_FILE, VerifyStatusReader
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Fifty agents back up at once while a hostile client floods the collector's port.
 
 Every agent has its own listed key and drives the real agent client
-(agent.client.CollectorClient) through the protocol with a generated, valid zstd SQL
+(agent.link.connection.CollectorClient) through the protocol with a generated, valid zstd SQL
 dump. At the same time a flood of raw TCP connections, garbage, bare SSH banners and
 SSH logins with a key nobody lists hits the same port, bounded in count and in time.
 Every legitimate backup must land intact and the collector must stay up and give every
@@ -26,11 +26,11 @@ import pytest
 import zstandard
 from harness import Deployment, log_text, stored_files
 
-from agent.client import CollectorClient
 from agent.config import load_agent_config
+from agent.link.connection import CollectorClient
 from collector.config import load_collector_config
-from collector.outcomes import FanOut
-from collector.server import CollectorServer, make_context
+from collector.report.outcomes import FanOut
+from collector.serve.server import CollectorServer, make_context
 from common.events import Begin, Data, End, Stored
 from common.logsetup import setup_logging
 from common.naming import encode_database

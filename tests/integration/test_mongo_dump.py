@@ -20,13 +20,13 @@ from bson.int64 import Int64
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 
-from agent.mongo_dump import (
+from agent.engines.mongo_dump import (
     MongoDump,
     MongoParams,
     discover_databases,
     preflight,
 )
-from agent.mongo_restore import restore_archive
+from agent.restore.mongo_loader import restore_archive
 from common.errors import ConfigError, DumpError, IntegrityError
 from common.mongo_archive import ArchiveReader, Prelude, verify_archive
 from tests.integration.mongo_server import NxServer, free_port

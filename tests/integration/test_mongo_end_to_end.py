@@ -33,10 +33,10 @@ from bson.int64 import Int64
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 
-from agent.client import CollectorClient
 from agent.config import load_agent_config
-from agent.mongo_dump import MongoDump, MongoParams
-from agent.mongo_restore import restore_archive
+from agent.engines.mongo_dump import MongoDump, MongoParams
+from agent.link.connection import CollectorClient
+from agent.restore.mongo_loader import restore_archive
 from common.errors import RejectedError, TransportError
 from common.events import Begin, Data, End, Stored
 from tests.integration.harness import (

@@ -10,7 +10,7 @@ import pytest
 import sample_data
 from mariadb_server import MariaDBServer
 
-from agent.mysql_control import (
+from agent.engines.mysql_inspect import (
     MySQLParams,
     connect,
     discover_databases,

@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mariadb_server import MariaDBServer
 
-from agent.mysql_control import MySQLParams, table_checksums
-from agent.mysql_dump import (
+from agent.engines.mysql_dump import (
     MySQLDump,
     buffered_command,
     client_option_file,
@@ -26,6 +25,7 @@ from agent.mysql_dump import (
     find_dump_tool,
     option_value,
 )
+from agent.engines.mysql_inspect import MySQLParams, table_checksums
 from common.errors import DumpError
 
 pytestmark = pytest.mark.integration

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from collector.notify import (
+from collector.report.notify import (
     EmailConfig,
     Event,
     EventKind,
@@ -335,7 +335,7 @@ async def test_wrong_smtp_password_fails_without_logging_it(
     notifier = Notifier(config(mail=mail, retries=1), rec.sent, rec.failed)
     await notifier.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="collector.notify"):
+        with caplog.at_level(logging.WARNING, logger="collector.report.notify"):
             notifier.notify(event())
             assert await rec.next() == ("failed", "email")
     finally:
@@ -372,13 +372,13 @@ async def test_webhook_500_is_retried_then_reported_failed(
     rec = Recorder()
     notifier = Notifier(config((hook.url,), retries=2), rec.sent, rec.failed)
     await notifier.start()
-    with caplog.at_level(logging.WARNING, logger="collector.notify"):
+    with caplog.at_level(logging.WARNING, logger="collector.report.notify"):
         notifier.notify(event())
         assert await rec.next() == ("failed", "webhook")
     await notifier.close(1)
     assert hook.requests == 3
     assert rec.calls.empty()
-    lines = [r.getMessage() for r in caplog.records if r.name == "collector.notify"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "collector.report.notify"]
     assert len(lines) == 1
     assert "HTTP 500" in lines[0] and "3 attempt" in lines[0]
     assert "secret-token" not in lines[0]

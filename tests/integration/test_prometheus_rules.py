@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from collector.metrics import CollectorMetrics, serve_metrics
+from collector.report.metrics import CollectorMetrics, serve_metrics
 from common.errors import ConfigError
 
 pytestmark = pytest.mark.integration

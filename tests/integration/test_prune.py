@@ -1,6 +1,6 @@
 """`backhaul-collector prune` as a real process over a store filled through the storage API.
 
-Backups are published with collector.storage.Upload exactly as the session does (small but
+Backups are published with collector.store.files.Upload exactly as the session does (small but
 valid zstd SQL dumps, manifests with UTC start times) for days spread over 400 days, some
 unverified, some same-day repeats (`-2`). The expected plan is computed here from what the
 test itself stored, with the pure policy, and compared with what the command deleted.
@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from harness import Deployment, log_text, stored_files
 
-from collector.retention import Backup, RetentionPolicy, plan
-from collector.storage import Store, StoredBackup
+from collector.store.files import Store, StoredBackup
+from collector.store.retention import Backup, RetentionPolicy, plan
 from common.compression import make_compressor
 
 pytestmark = pytest.mark.integration

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.client import is_transient
-from agent.retry import DEFAULT_BACKOFF, DEFAULT_RETRIES, MAX_DELAY, RetryPolicy, retry
+from agent.link.connection import is_transient
+from agent.link.retry import DEFAULT_BACKOFF, DEFAULT_RETRIES, MAX_DELAY, RetryPolicy, retry
 from common.errors import (
     CollectorTrustError,
     CollectorUnreachableError,
@@ -86,7 +86,7 @@ async def test_transient_failures_are_retried_with_backoff(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     call, sleeps = Flaky(OSError("refused"), OSError("refused")), Sleeps()
-    with caplog.at_level(logging.WARNING, logger="agent.retry"):
+    with caplog.at_level(logging.WARNING, logger="agent.link.retry"):
         result = await retry(call, RetryPolicy(3, 2), "connecting to x", always, sleep=sleeps)
     assert result == "done"
     assert call.calls == 3

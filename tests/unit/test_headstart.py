@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agent.headstart import ChannelLate, HeadStart
+from agent.stream.early_buffer import ChannelLate, HeadStart
 from common.errors import RejectedError
 
 

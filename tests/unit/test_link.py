@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.link import settle
+from agent.link.pending import settle
 from common.errors import TransportError
 
 

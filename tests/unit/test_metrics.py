@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from collector.metrics import OTHER, CollectorMetrics, reason_label
+from collector.report.metrics import OTHER, CollectorMetrics, reason_label
 from common.errors import ConfigError
 
 EXPECTED = {"db1": ["hospital", "sp ace"], "mongo1": ["patients"]}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.notify import (
+from collector.report.notify import (
     DeliveryError,
     EmailConfig,
     Event,

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from agent.pipeline import run_pipeline
 from agent.progress import ProgressDisplay, human_bytes, human_duration
+from agent.stream.stages import run_pipeline
 from common.compression import make_compressor
 
 

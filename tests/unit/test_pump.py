@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import pytest
 import zstandard
 
-import agent.pipe
-from agent.pipe import GULP, GULP_WAIT, POLL_INTERVAL, PipeReader, PipeStopped
-from agent.pipeline import DumpStalled, Progress
-from agent.pump import CHUNK, DEPTH, PipeDump, pump
+import agent.stream.pipe
+from agent.stream.compress_thread import CHUNK, DEPTH, PipeDump, pump
+from agent.stream.pipe import GULP, GULP_WAIT, POLL_INTERVAL, PipeReader, PipeStopped
+from agent.stream.stages import DumpStalled, Progress
 from common.compression import ZstdFrameTracker, make_compressor
 from common.errors import DumpError
 
@@ -285,7 +285,7 @@ def test_reader_waits_for_the_pipe_to_fill_after_a_short_read(
         else:
             pipe.close(pipe.write_fd)
 
-    monkeypatch.setattr(agent.pipe.time, "sleep", sleep)
+    monkeypatch.setattr(agent.stream.pipe.time, "sleep", sleep)
     buffer = memoryview(bytearray(CHUNK))
     count, ended = PipeReader(pipe.read_fd).readinto(buffer)
     assert (count, ended) == (sum(map(len, pieces)), True)
@@ -297,7 +297,7 @@ def test_reader_does_not_wait_while_reads_come_back_full(
     pipe: Pipe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     waits: list[float] = []
-    monkeypatch.setattr(agent.pipe.time, "sleep", waits.append)
+    monkeypatch.setattr(agent.stream.pipe.time, "sleep", waits.append)
     os.write(pipe.write_fd, b"x" * GULP)
     assert PipeReader(pipe.read_fd).readinto(memoryview(bytearray(GULP))) == (GULP, False)
     assert waits == []

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from agent.drill import DrillResult, compare_collections, compare_tables, scratch_name
-from agent.restore import NoBackupError, choose_backup
+from agent.restore.drill import DrillResult, compare_collections, compare_tables, scratch_name
+from agent.restore.restore import NoBackupError, choose_backup
 from common.errors import ExitCode
 
 

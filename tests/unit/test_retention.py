@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.retention import (
+from collector.store.retention import (
     DEFAULTS,
     Backup,
     RetentionPlan,
@@ -135,7 +135,7 @@ def calendar() -> list[Backup]:
     return backups
 
 
-# Worked out by hand from the rules in collector/retention.py's docstring.
+# Worked out by hand from the rules in collector/store/retention.py's docstring.
 EXPECTED_DEFAULT_KEEP = names(
     # monthly: newest verified of the 12 most recent months with one (February is empty)
     "20251129",

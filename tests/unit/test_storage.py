@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from collector.storage import FILE_MODE, WRITE_BEHIND, Store, StoredBackup, Upload, iter_backups
+from collector.store.files import FILE_MODE, WRITE_BEHIND, Store, StoredBackup, Upload, iter_backups
 from common.errors import StorageError
 from common.naming import MANIFEST_SUFFIX, TEMP_PREFIX, encode_database
 

@@ -26,9 +26,9 @@ import zstandard
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from collector.outcomes import FanOut
-from collector.session import BackhaulSession, SessionContext, parse_started_at
-from collector.storage import Store
+from collector.report.outcomes import FanOut
+from collector.serve.session import BackhaulSession, SessionContext, parse_started_at
+from collector.store.files import Store
 from common.errors import RejectCode, RemoteProtocolError
 from common.events import EVENT_TYPES, Event, Reject, decode_payload
 from common.frames import (
@@ -526,7 +526,7 @@ def test_a_session_fed_anything_leaves_no_file_and_no_internal_error(data: bytes
     input never is one.)
     """
     errors = _Errors()
-    logger = logging.getLogger("collector.session")
+    logger = logging.getLogger("collector.serve.session")
     logger.addHandler(errors)
     try:
         with tempfile.TemporaryDirectory() as tmp:

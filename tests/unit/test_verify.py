@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from collector.verify import IngestVerifier, SqlCheck
+from collector.serve.ingest_check import IngestVerifier, SqlCheck
 from common.compression import TAIL_BYTES, make_compressor
 from common.errors import IntegrityError
 

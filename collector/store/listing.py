@@ -2,7 +2,7 @@
 each backup (size, start time, verified) and the plain text tables and lines they print.
 
 Nothing here reads a backup's contents; the verified column trusts ingest's check, the
-data file's size and the last verify run's findings (:mod:`collector.verify_status`).
+data file's size and the last verify run's findings (:mod:`collector.store.verify_status`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import contextlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime, tzinfo
 
-from collector.inventory import GONE, MISMATCH, Check, Entry
-from collector.verify_status import VerifyStatus, entry_key
+from collector.store.inventory import GONE, MISMATCH, Check, Entry
+from collector.store.verify_status import VerifyStatus, entry_key
 from common.logsetup import escape_control
 
 LIST_HEADERS = ("AGENT", "DATABASE", "NAME", "SIZE", "STARTED", "VERIFIED")

@@ -22,9 +22,9 @@ from typing import Any
 import aiofiles
 import asyncssh
 
-from collector.outcomes import FanOut, Outcome
-from collector.storage import Store, StoredBackup, Upload
-from collector.verify import IngestVerifier
+from collector.report.outcomes import FanOut, Outcome
+from collector.serve.ingest_check import IngestVerifier
+from collector.store.files import Store, StoredBackup, Upload
 from common.errors import (
     BackhaulError,
     RejectCode,

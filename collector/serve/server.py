@@ -21,9 +21,9 @@ from typing import Any
 import asyncssh
 
 from collector.config import CollectorConfig
-from collector.outcomes import FanOut
-from collector.session import BackhaulSession, SessionContext
-from collector.storage import Store
+from collector.report.outcomes import FanOut
+from collector.serve.session import BackhaulSession, SessionContext
+from collector.store.files import Store
 from common.errors import TransportError
 from common.identity import AgentAuthenticator
 from common.logsetup import escape_control

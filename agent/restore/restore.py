@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Protocol
 
-from agent.client import CollectorClient
 from agent.config import AgentConfig, SourceConfig
-from agent.remote import Fetched, fetch, list_backups
-from agent.restore_targets import Loader, MongoLoader, MySQLLoader
-from agent.sources import MongoAdapter, MySQLAdapter, adapter_for
+from agent.engines.adapters import MongoAdapter, MySQLAdapter, adapter_for
+from agent.link.connection import CollectorClient
+from agent.link.requests import Fetched, fetch, list_backups
+from agent.restore.targets import Loader, MongoLoader, MySQLLoader
 from common.compression import StreamChecker
 from common.errors import BackhaulError, ConfigError, ExitCode, IntegrityError
 from common.logsetup import escape_control

@@ -14,8 +14,8 @@ The dump is a single-transaction snapshot of the named database without
 Reading is pull-based: when the consumer is slow the pipe fills and the dump tool
 blocks, which is the back-pressure. stdout is a plain pipe read in worker threads,
 never by the event loop, and the tool writes it 256 KiB at a time
-(:func:`buffered_command`): the agent's pump (:mod:`agent.pump`) reads it, compresses and
-hashes in one thread through :meth:`MySQLDump.pipe_reader`,
+(:func:`buffered_command`): the agent's pump (:mod:`agent.stream.compress_thread`) reads
+it, compresses and hashes in one thread through :meth:`MySQLDump.pipe_reader`,
 :meth:`~MySQLDump.note_read` and :meth:`~MySQLDump.finish`. Only :meth:`finish` (which
 iterating to the end calls) checks the exit status.
 """
@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from agent.mysql_control import MySQLParams
-from agent.pipe import PipeReader, PipeStopped, widen
+from agent.engines.mysql_inspect import MySQLParams
+from agent.stream.pipe import PipeReader, PipeStopped, widen
 from common.errors import DumpError
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def buffered_command(tool: str, path: str | None = None) -> list[str]:
 
     The dump tools write stdout through stdio, whose buffer on a pipe is one 4 KiB
     page: a quarter of a million writes per GB, each waking the reader. In 256 KiB
-    writes (four fit in the widened pipe, :func:`agent.pipe.widen`) the system time of
+    writes (four fit in the widened pipe, :func:`agent.stream.pipe.widen`) the system time of
     the dump tool and its reader fell from 1.6 s to 0.9 to 1.0 s per GB. ``stdbuf`` execs
     the tool, which keeps its pid, exit status and signals. Without ``stdbuf`` (it is
     in coreutils) the tool runs as it is.

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncssh
 
-from agent.client import Channel, CollectorClient
+from agent.link.connection import Channel, CollectorClient
 from common.errors import BackhaulError, IntegrityError, RemoteProtocolError
 from common.events import SHA256_RE, Abort, Ack, Data, End, FetchMeta, Listing, ListRequest, Report
 from common.events import Fetch as FetchRequest

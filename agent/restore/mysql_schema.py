@@ -3,7 +3,7 @@
 Whether a target database exists and holds anything, creating and dropping it, reading
 the binary-log position after a dump, and whether this user may keep its own writes out
 of the binary log. Blocking (pymysql); callers run it in a worker thread. It shares
-:mod:`agent.mysql_control`'s connection, so errors arrive as one-line
+:mod:`agent.engines.mysql_inspect`'s connection, so errors arrive as one-line
 :class:`~common.errors.DumpError` messages without the password.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import pymysql
 
-from agent.mysql_control import (
+from agent.engines.mysql_inspect import (
     MySQLParams,
     connect,
     quote_identifier,

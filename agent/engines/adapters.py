@@ -17,14 +17,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import SourceConfig
-from agent.pump import PipeDump
+from agent.stream.compress_thread import PipeDump
 from common.config import read_secret_file
 from common.errors import ConfigError, DumpError
 
 if TYPE_CHECKING:
-    from agent.mysql_control import MySQLParams
-    from agent.mysql_dump import MySQLDump
-    from agent.pipe import PipeReader
+    from agent.engines.mysql_dump import MySQLDump
+    from agent.engines.mysql_inspect import MySQLParams
+    from agent.stream.pipe import PipeReader
 
 log = logging.getLogger(__name__)
 DUMP_CHUNK = 1024 * 1024
@@ -68,7 +68,7 @@ class MySQLAdapter:
     format = "sql"
 
     def __init__(self, source: SourceConfig) -> None:
-        from agent.mysql_control import MySQLParams
+        from agent.engines.mysql_inspect import MySQLParams
 
         assert source.user is not None  # enforced by the config loader
         self.source = source
@@ -82,12 +82,12 @@ class MySQLAdapter:
         )
 
     async def discover(self) -> list[str]:
-        from agent.mysql_control import discover_databases
+        from agent.engines.mysql_inspect import discover_databases
 
         return await asyncio.to_thread(discover_databases, self.params)
 
     async def preflight(self, database: str) -> Preflight:
-        from agent.mysql_control import preflight
+        from agent.engines.mysql_inspect import preflight
 
         facts = await asyncio.to_thread(preflight, self.params, database)
         warnings: tuple[str, ...] = ()
@@ -118,7 +118,7 @@ class MySQLAdapter:
         position read before them and the one read after the dump: only then are they
         known to describe exactly what the dump holds.
         """
-        from agent.mysql_control import table_checksums
+        from agent.engines.mysql_inspect import table_checksums
 
         values = await asyncio.to_thread(table_checksums, self.params, database)
         tables = {name: [v["rows"], v["checksum"]] for name, v in values.items()}
@@ -129,7 +129,7 @@ class MySQLAdapter:
                               "tables": tables}}
 
     def dump(self, database: str) -> AbstractAsyncContextManager[DumpStream]:
-        from agent.mysql_dump import MySQLDump
+        from agent.engines.mysql_dump import MySQLDump
 
         return _BinlogWatch(MySQLDump(self.params, database, chunk_size=DUMP_CHUNK),
                             self.params, self._binlog_before.pop(database, None))
@@ -180,7 +180,7 @@ class _BinlogWatch:
 
     async def finish(self) -> None:
         await self._dump.finish()
-        from agent.mysql_admin import binlog_position
+        from agent.restore.mysql_schema import binlog_position
 
         try:
             self.after = await asyncio.to_thread(binlog_position, self._params)
@@ -194,7 +194,7 @@ class MongoAdapter:
     format = "archive"
 
     def __init__(self, source: SourceConfig) -> None:
-        from agent.mongo_dump import MongoParams
+        from agent.engines.mongo_dump import MongoParams
 
         assert source.uri is not None  # enforced by the config loader
         self.source = source
@@ -202,12 +202,12 @@ class MongoAdapter:
                                   password=_password(source))
 
     async def discover(self) -> list[str]:
-        from agent.mongo_dump import discover_databases
+        from agent.engines.mongo_dump import discover_databases
 
         return await asyncio.to_thread(discover_databases, self.params)
 
     async def preflight(self, database: str) -> Preflight:
-        from agent.mongo_dump import preflight
+        from agent.engines.mongo_dump import preflight
 
         facts = await asyncio.to_thread(preflight, self.params, database)
         warnings: tuple[str, ...] = () if facts.is_replica_set else (
@@ -223,7 +223,7 @@ class MongoAdapter:
         )
 
     def dump(self, database: str) -> AbstractAsyncContextManager[DumpStream]:
-        from agent.mongo_dump import MongoDump
+        from agent.engines.mongo_dump import MongoDump
 
         oplog = self.source.extra.get("oplog")
         users = bool(self.source.extra.get("include_users_and_roles", False))

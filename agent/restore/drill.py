@@ -1,6 +1,6 @@
 """`backhaul-agent drill`: prove the latest backup of a database restores, and say so.
 
-The newest backup is restored (fetched and verified as :mod:`agent.restore` does) into a
+The newest backup is restored (fetched and verified as :mod:`agent.restore.restore` does) into a
 scratch database on the same server, ``backhaul_drill_<db>_<random>``, compared with
 what was recorded when it was made, and the scratch database is dropped whatever
 happens. The result goes to the collector as a REPORT of kind ``drill_ok`` or
@@ -41,11 +41,12 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from agent.client import CollectorClient
 from agent.config import AgentConfig, SourceConfig
-from agent.mysql_admin import may_skip_binlog
-from agent.remote import list_backups, send_report
-from agent.restore import (
+from agent.engines.adapters import MySQLAdapter, adapter_for
+from agent.link.connection import CollectorClient
+from agent.link.requests import list_backups, send_report
+from agent.restore.mysql_schema import may_skip_binlog
+from agent.restore.restore import (
     MeterFactory,
     NoBackupError,
     choose_backup,
@@ -53,8 +54,7 @@ from agent.restore import (
     pick_source,
     restore_backup,
 )
-from agent.restore_targets import Loader, MongoLoader, MySQLLoader
-from agent.sources import MySQLAdapter, adapter_for
+from agent.restore.targets import Loader, MongoLoader, MySQLLoader
 from common.errors import BackhaulError, DumpError, ExitCode, IntegrityError
 from common.logsetup import escape_control
 
@@ -292,7 +292,7 @@ async def _free_scratch(loader: Loader, database: str) -> str:
 
 async def _compare(loader: Loader, scratch: str, dump: dict[str, Any]) -> Comparison:
     if isinstance(loader, MySQLLoader):
-        from agent.mysql_control import table_checksums
+        from agent.engines.mysql_inspect import table_checksums
 
         restored = await asyncio.to_thread(table_checksums, loader.params, scratch)
         return compare_tables(dump, restored)

@@ -3,7 +3,7 @@
 ``backhaul-agent backup`` used to import the SSH stack (asyncssh and cryptography, a
 fifth of a second here), connect, and only then ask the database anything. A
 :class:`PendingClient` imports in a worker thread and connects in the background while
-the runner checks the database and starts its dump; agent.headstart holds what the
+the runner checks the database and starts its dump; agent.stream.early_buffer holds what the
 dump makes until the channel is open.
 
 A connection that cannot be made still fails the whole run, as before: the runner
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, TypeVar, cast
 from common.errors import BackhaulError
 
 if TYPE_CHECKING:
-    from agent.client import CollectorClient
     from agent.config import AgentConfig
+    from agent.link.connection import CollectorClient
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ class PendingClient:
     async def _connect(self) -> CollectorClient:
         # In a thread: the import would otherwise hold the event loop, and with it the
         # dump's output, for as long as it takes.
-        remote = await asyncio.to_thread(importlib.import_module, "agent.remote")
+        remote = await asyncio.to_thread(importlib.import_module, "agent.link.requests")
         client = cast("CollectorClient", remote.ServiceClient(self.config))
         self._client = client
         await client.connect()

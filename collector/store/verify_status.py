@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import Metric
 
-from collector.storage import check_agent_name
+from collector.store.files import check_agent_name
 from common.errors import ConfigError, StorageError
 from common.naming import encode_database, parse_backup_name
 
 if TYPE_CHECKING:
     # Annotations only: inventory records its runs through this module.
-    from collector.inventory import Entry, Scope, VerifyRun
+    from collector.store.inventory import Entry, Scope, VerifyRun
 
 log = logging.getLogger(__name__)
 

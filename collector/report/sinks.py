@@ -12,11 +12,11 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from collector.config import CollectorConfig
-from collector.metrics import CollectorMetrics, serve_metrics
-from collector.notify import Event, Notifier
-from collector.outcomes import Outcome, OutcomeSink
-from collector.storage import Store
-from collector.verify_status import VerifyStatusReader
+from collector.report.metrics import CollectorMetrics, serve_metrics
+from collector.report.notify import Event, Notifier
+from collector.report.outcomes import Outcome, OutcomeSink
+from collector.store.files import Store
+from collector.store.verify_status import VerifyStatusReader
 
 log = logging.getLogger(__name__)
 Closer = Callable[[], Awaitable[None]]

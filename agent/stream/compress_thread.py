@@ -10,7 +10,7 @@ compressed bytes reach the event loop, which sends them.
 
 The hand-over is bounded (``DEPTH`` pieces): when SSH is slower than the dump, the
 thread waits, the pipe fills and the dump tool blocks. A dump that writes nothing for
-``stall_timeout`` raises :class:`~agent.pipeline.DumpStalled`. The thread never outlives
+``stall_timeout`` raises :class:`~agent.stream.stages.DumpStalled`. The thread never outlives
 :func:`pump`: it is stopped and waited for on every way out.
 """
 
@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from agent.pipe import POLL_INTERVAL, PipeReader, PipeStopped
-from agent.pipeline import DumpStalled, Progress, StreamResult
+from agent.stream.pipe import POLL_INTERVAL, PipeReader, PipeStopped
+from agent.stream.stages import DumpStalled, Progress, StreamResult
 from common.compression import Compressor
 from common.errors import DumpError
 

@@ -19,7 +19,7 @@ from typing import Any
 import asyncssh
 
 from agent.config import AgentConfig
-from agent.retry import RetryPolicy, retry
+from agent.link.retry import RetryPolicy, retry
 from common.errors import (
     CollectorTrustError,
     CollectorUnreachableError,

@@ -1,9 +1,9 @@
-"""Retention on the collector: runs the pure policy of :mod:`collector.retention` over the
+"""Retention on the collector: runs the pure policy of :mod:`collector.store.retention` over the
 store and deletes what it says. Only this command deletes backups; the wire protocol has
 no verb for it, so no agent can.
 
 For each configured agent and each of its database folders, every data file becomes a
-:class:`~collector.retention.Backup`: its name, ``made_at`` from the manifest's
+:class:`~collector.store.retention.Backup`: its name, ``made_at`` from the manifest's
 ``started_at``, the day from the name, and verified when the manifest says so, the data
 file still has the manifest's size, and the last verify run that covered it did not find
 it corrupt. A backup whose manifest is missing, unreadable or has no usable
@@ -32,11 +32,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from collector.config import CollectorConfig
-from collector.inventory import Entry, agent_folders, scan
-from collector.listing import counts_as_verified, render_table, started_at
-from collector.retention import Backup, RetentionPlan, plan
-from collector.storage import fsync_dir
-from collector.verify_status import file_lock, load_status_or_warn
+from collector.store.files import fsync_dir
+from collector.store.inventory import Entry, agent_folders, scan
+from collector.store.listing import counts_as_verified, render_table, started_at
+from collector.store.retention import Backup, RetentionPlan, plan
+from collector.store.verify_status import file_lock, load_status_or_warn
 from common.errors import ConfigError
 from common.naming import MANIFEST_SUFFIX
 

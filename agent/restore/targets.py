@@ -1,5 +1,5 @@
 """Where a restore loads a backup: a MySQL/MariaDB database through the stock client, or
-a MongoDB database through :func:`agent.mongo_restore.restore_archive`.
+a MongoDB database through :func:`agent.restore.mongo_loader.restore_archive`.
 
 A loader knows its database server and nothing of the collector: it says whether a
 target holds anything, prepares it (creates it, or drops and recreates it when asked to
@@ -20,12 +20,12 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
 
-from agent import mysql_admin
-from agent.mongo_dump import MongoParams, connect, translate_errors
-from agent.mongo_restore import RestoreResult, restore_archive
-from agent.mysql_admin import SchemaState
-from agent.mysql_control import MySQLParams
-from agent.mysql_dump import client_option_file, find_client_tool
+from agent.engines.mongo_dump import MongoParams, connect, translate_errors
+from agent.engines.mysql_dump import client_option_file, find_client_tool
+from agent.engines.mysql_inspect import MySQLParams
+from agent.restore import mysql_schema
+from agent.restore.mongo_loader import RestoreResult, restore_archive
+from agent.restore.mysql_schema import SchemaState
 from common.errors import BackhaulError, DumpError
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class MySQLLoader:
 
     ``skip_binlog`` keeps the load and the create/drop statements out of the binary log
     (a drill's scratch database has no business on replicas); it needs a privilege the
-    caller has checked with :func:`agent.mysql_admin.may_skip_binlog`.
+    caller has checked with :func:`agent.restore.mysql_schema.may_skip_binlog`.
     """
 
     engine = "mysql"
@@ -69,10 +69,10 @@ class MySQLLoader:
         self.skip_binlog = skip_binlog
 
     def check_name(self, target: str) -> None:
-        mysql_admin.check_database_name(target)
+        mysql_schema.check_database_name(target)
 
     async def state(self, target: str) -> SchemaState:
-        return await asyncio.to_thread(mysql_admin.schema_state, self.params, target)
+        return await asyncio.to_thread(mysql_schema.schema_state, self.params, target)
 
     async def prepare(self, target: str, *, replace: bool) -> None:
         state = await self.state(target)
@@ -82,7 +82,7 @@ class MySQLLoader:
             log.warning("dropping database %r to replace it with the backup", target)
             await self.drop(target)
         await asyncio.to_thread(
-            mysql_admin.create_database,
+            mysql_schema.create_database,
             self.params,
             target,
             state.charset,
@@ -92,7 +92,7 @@ class MySQLLoader:
 
     async def drop(self, target: str) -> None:
         await asyncio.to_thread(
-            mysql_admin.drop_database, self.params, target, skip_binlog=self.skip_binlog
+            mysql_schema.drop_database, self.params, target, skip_binlog=self.skip_binlog
         )
 
     @contextlib.asynccontextmanager
