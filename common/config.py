@@ -58,24 +58,6 @@ def parse_host_port(value: str, where: str, default_port: int | None = None) -> 
     return host, int(port_text)
 
 
-def read_secret_file(path: Path, where: str) -> str:
-    """Read a password file: the first line, without its line ending.
-
-    Raises:
-        ConfigError: the file is missing, unreadable or empty.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read password file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: password file {path} is not UTF-8") from None
-    secret = text.splitlines()[0] if text else ""
-    if not secret:
-        raise ConfigError(f"{where}: password file {path} is empty")
-    return secret
-
-
 class Table:
     """One TOML table being read; ``done()`` refuses keys nobody asked for."""
 
