@@ -212,6 +212,18 @@ def test_number_minimum_is_enforced(config_path: Path) -> None:
         Table({"timeout": 0.5}, config_path).number("timeout", low=1)
 
 
+def test_number_maximum_is_enforced(config_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at most 300"):
+        Table({"timeout": 301}, config_path).number("timeout", high=300)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_number_refuses_nan_and_infinity(config_path: Path, value: float) -> None:
+    """TOML has nan and inf; a NaN timeout would pass every comparison and mean nothing."""
+    with pytest.raises(ConfigError, match="finite number"):
+        Table({"timeout": value}, config_path).number("timeout", low=1)
+
+
 def test_text_choices_are_enforced(config_path: Path) -> None:
     table = Table({"compression": "bz2"}, config_path)
     with pytest.raises(ConfigError, match="one of zstd, gzip"):

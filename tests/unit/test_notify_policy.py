@@ -12,17 +12,17 @@ import pytest
 
 from collector.report.notify import (
     DeliveryError,
-    EmailConfig,
     Event,
     EventKind,
     Notification,
     Notifier,
     NotifyConfig,
     NotifyPolicy,
-    escape_control,
     parse_notify_config,
 )
+from common.config import Table
 from common.errors import ConfigError
+from common.text import escape_control
 
 SOURCE = "/etc/backhaul/collector.toml"
 WHEN = datetime(2026, 11, 26, 2, 0, 13, tzinfo=UTC)
@@ -342,15 +342,20 @@ def email_table(tmp_path: Path, **extra: object) -> dict[str, object]:
     }
 
 
+def read_notify(table: Mapping[str, object], source: str | Path = SOURCE) -> NotifyConfig:
+    """Read ``table`` as the [notify] table of ``source``, as load_collector_config does."""
+    return parse_notify_config(Table(table, Path(source), "notify."))
+
+
 def parse_error(table: Mapping[str, object]) -> str:
     with pytest.raises(ConfigError) as info:
-        parse_notify_config(table, SOURCE)
+        read_notify(table)
     return str(info.value)
 
 
 def test_full_config_parses(tmp_path: Path) -> None:
     pw = password_file(tmp_path)
-    cfg = parse_notify_config(
+    cfg = read_notify(
         {
             "webhooks": ["https://hooks.example.org/T0/secret-token"],
             "min_interval": 600,
@@ -368,14 +373,14 @@ def test_full_config_parses(tmp_path: Path) -> None:
 
 
 def test_defaults_when_table_is_empty() -> None:
-    cfg = parse_notify_config({}, SOURCE)
+    cfg = read_notify({})
     assert cfg == NotifyConfig()
     assert (cfg.min_interval, cfg.webhooks, cfg.email) == (3600.0, (), None)
 
 
 def test_repr_hides_password_and_webhook_token(tmp_path: Path) -> None:
     pw = password_file(tmp_path)
-    cfg = parse_notify_config(
+    cfg = read_notify(
         {
             "webhooks": ["https://hooks.example.org/T0/secret-token"],
             "email": email_table(tmp_path, username="u", password_file=str(pw)),
@@ -391,7 +396,7 @@ def test_repr_hides_password_and_webhook_token(tmp_path: Path) -> None:
 def test_relative_password_file_is_found_beside_the_config(tmp_path: Path) -> None:
     password_file(tmp_path)
     table = {"email": email_table(tmp_path, username="u", password_file="smtp-password")}
-    cfg = parse_notify_config(table, str(tmp_path / "collector.toml"))
+    cfg = read_notify(table, tmp_path / "collector.toml")
     assert cfg.email is not None and cfg.email.password == "s3cret"
 
 
@@ -465,8 +470,8 @@ def test_world_readable_password_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text", ["", "\n", "one\ntwo\n"])
 def test_password_file_must_hold_one_line(tmp_path: Path, text: str) -> None:
     pw = password_file(tmp_path, text=text)
-    with pytest.raises(ConfigError, match="exactly one line"):
-        EmailConfig.read_password(pw, SOURCE)
+    message = parse_error({"email": email_table(tmp_path, username="u", password_file=str(pw))})
+    assert "exactly one line" in message and "notify.email.password_file" in message
 
 
 def test_username_needs_password_file(tmp_path: Path) -> None:
@@ -483,7 +488,7 @@ def test_auth_without_starttls_on_loopback_is_allowed(tmp_path: Path) -> None:
     pw = password_file(tmp_path)
     table = email_table(tmp_path, username="u", password_file=str(pw), starttls=False)
     table["host"] = "127.0.0.1"
-    cfg = parse_notify_config({"email": table}, SOURCE)
+    cfg = read_notify({"email": table})
     assert cfg.email is not None and cfg.email.port == 25
 
 
