@@ -22,7 +22,6 @@ from collector.report.notify import (
 )
 from common.config import Table
 from common.errors import ConfigError
-from common.text import escape_control
 
 SOURCE = "/etc/backhaul/collector.toml"
 WHEN = datetime(2026, 11, 26, 2, 0, 13, tzinfo=UTC)
@@ -126,28 +125,6 @@ def test_zero_interval_sends_every_failure() -> None:
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-@pytest.mark.parametrize(
-    ("raw", "shown"),
-    [
-        ("hospital", "hospital"),
-        ("ünï sp ace", "ünï sp ace"),
-        ("a\nb", "a\\nb"),
-        ("a\r\nSubject: x", "a\\r\\nSubject: x"),
-        ("\x1b[31mred", "\\x1b[31mred"),
-        ("tab\there", "tab\\there"),
-        ("nul\x00", "nul\\x00"),
-        ("c1\x85", "c1\\x85"),
-        ("bidi\u202egnp.exe", "bidi\\u202egnp.exe"),
-        ("zero\u200bwidth", "zero\\u200bwidth"),
-        ("line\u2028sep", "line\\u2028sep"),
-        ("lone\ud800", "lone\\ud800"),
-        ("back\\slash", "back\\\\slash"),
-    ],
-)
-def test_escape_control_makes_control_characters_visible(raw: str, shown: str) -> None:
-    assert escape_control(raw) == shown
 
 
 def test_subject_names_database_agent_and_reason() -> None:

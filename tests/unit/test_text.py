@@ -25,6 +25,7 @@ def test_escape_control_leaves_visible_text_alone(text: str) -> None:
     ("text", "shown"),
     [
         ("line\nforged", "line\\nforged"),
+        ("a\r\nSubject: x", "a\\r\\nSubject: x"),  # no forged e-mail header
         ("cr\rhere", "cr\\rhere"),
         ("tab\there", "tab\\there"),
         ("nul\x00", "nul\\x00"),
