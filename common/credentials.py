@@ -45,14 +45,26 @@ def read_secret_file(path: Path, where: str) -> str:
     return _one_line(data, path, where)
 
 
+def check_owner_only(mode: int, path: Path, what: str) -> None:
+    """Refuse a secret file whose ``mode`` grants anything to group or others.
+
+    ``what`` names the file's role (``"CA key"``) and starts the message, which says
+    who can read it and the command that fixes it.
+
+    Raises:
+        ConfigError: any group or other permission bit is set.
+    """
+    if mode & 0o077:
+        raise ConfigError(
+            f"{what} {path} is {_exposure(mode)} "
+            f"(mode {stat.S_IMODE(mode):04o}); run chmod 600 {path}"
+        )
+
+
 def _check_mode(mode: int, path: Path, where: str) -> None:
     if not stat.S_ISREG(mode):
         raise ConfigError(f"{where}: cannot read password file {path}: it is not a regular file")
-    if mode & 0o077:
-        raise ConfigError(
-            f"{where}: password file {path} is {_exposure(mode)} "
-            f"(mode {stat.S_IMODE(mode):04o}); run chmod 600 {path}"
-        )
+    check_owner_only(mode, path, f"{where}: password file")
 
 
 def _read(fd: int, path: Path, where: str) -> bytes:

@@ -396,7 +396,8 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         database = report.database
         if database is not None and not (_storable(database) and self._database_allowed(database)):
             database = None
-        message = escape_control(report.message)
+        # The agent composed it, its own names already escaped: do not double those escapes.
+        message = escape_control(report.message, backslash=False)
         if report.kind != "failure":
             await self._drill_report(report, database, message)
             return
@@ -638,7 +639,7 @@ class _Upload:
             elif isinstance(event, End):
                 return await self._finish(event, started)
             elif isinstance(event, Abort):
-                raise _Aborted(escape_control(event.reason), event.code)
+                raise _Aborted(escape_control(event.reason, backslash=False), event.code)
             elif isinstance(event, Closed):
                 raise ChannelClosed("agent closed the channel before END")
 
