@@ -130,23 +130,35 @@ class EmailConfig:
         password_file = table.path("password_file", None)
         cafile = table.path("cafile", None)
         table.done()
-        password = None
-        if password_file is not None:
-            password = read_secret_file(password_file, table.where("password_file"))
-        if (username is None) != (password is None):
-            raise ConfigError(f"{table.where('username')}: username and password_file go together")
-        if username is not None and not starttls and not _is_loopback(host):
-            raise ConfigError(
-                f"{table.where('starttls')}: AUTH without STARTTLS would send the password in clear"
-            )
+        password = _auth(table, host, starttls, username, password_file)
         if cafile is not None:
-            try:
-                ssl.create_default_context(cafile=str(cafile))
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"{table.where('cafile')}: cannot load {cafile}: {exc}") from None
+            _check_cafile(table, cafile)
         return cls(
             host, port, sender, recipients, starttls, username, password, password_file, cafile
         )
+
+
+def _auth(
+    table: Table, host: str, starttls: bool, username: str | None, password_file: Path | None
+) -> str | None:
+    """The SMTP password, if AUTH is configured and safe to use as configured."""
+    password = None
+    if password_file is not None:
+        password = read_secret_file(password_file, table.where("password_file"))
+    if (username is None) != (password is None):
+        raise ConfigError(f"{table.where('username')}: username and password_file go together")
+    if username is not None and not starttls and not _is_loopback(host):
+        raise ConfigError(
+            f"{table.where('starttls')}: AUTH without STARTTLS would send the password in clear"
+        )
+    return password
+
+
+def _check_cafile(table: Table, cafile: Path) -> None:
+    try:
+        ssl.create_default_context(cafile=str(cafile))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{table.where('cafile')}: cannot load {cafile}: {exc}") from None
 
 
 @dataclass(frozen=True)
