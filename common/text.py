@@ -8,26 +8,20 @@ visible escape, so what the administrator reads is what was sent.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # "Other" (Cc controls, Cf format incl. bidi overrides and zero-width characters, Cs lone
 # surrogates, Co private use, Cn unassigned) and "Separator" (Zl, Zp, and Zs spaces such
 # as NBSP, which look like a space but are not one) -- exactly what str.isprintable()
-# refuses, so the ASCII fast path below agrees with the loop.
+# refuses but for the ASCII space, so the fast path below agrees with the loop.
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
 # Unicode's Default_Ignorable_Code_Point characters outside those categories: fillers
 # and variation selectors that render as nothing (DerivedCoreProperties.txt).
-_INVISIBLE = (
-    (0x034F, 0x034F),
-    (0x115F, 0x1160),
-    (0x17B4, 0x17B5),
-    (0x180B, 0x180D),
-    (0x180F, 0x180F),
-    (0x3164, 0x3164),
-    (0xFE00, 0xFE0F),
-    (0xFFA0, 0xFFA0),
-    (0xE0100, 0xE01EF),
+_INVISIBLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0"
+    "\U000e0100-\U000e01ef]"
 )
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -52,7 +46,11 @@ def escape_control(text: str, *, backslash: bool = True) -> str:
     the same characters are escaped, but the backslashes of those earlier escapes are
     kept so they are not doubled.
     """
-    if text.isascii() and text.isprintable() and not (backslash and "\\" in text):
+    if (  # the common case, a name or line with nothing to escape, at C speed
+        text.isprintable()
+        and not (backslash and "\\" in text)
+        and (text.isascii() or not _INVISIBLE.search(text))
+    ):
         return text
     out: list[str] = []
     for char in text:
@@ -68,10 +66,7 @@ def escape_control(text: str, *, backslash: bool = True) -> str:
 
 
 def _unsafe(char: str) -> bool:
-    if unicodedata.category(char) in _UNSAFE_CATEGORIES:
-        return True
-    code = ord(char)
-    return code >= 0x034F and any(low <= code <= high for low, high in _INVISIBLE)
+    return unicodedata.category(char) in _UNSAFE_CATEGORIES or bool(_INVISIBLE.match(char))
 
 
 def _code(code: int) -> str:
