@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 # used: a one-shot backup loads it in the background while its first dump starts.
 from common.cli import print_error, run_command, run_script
 from common.errors import BackhaulError, ConfigError, ExitCode
-from common.logsetup import escape_control, setup_logging
+from common.logsetup import setup_logging
 from common.memory import keep_freed_memory
+from common.text import escape_control
 
 PROG = "backhaul-agent"
 log = logging.getLogger(__name__)

@@ -21,23 +21,12 @@ from collections.abc import Callable
 from typing import TextIO
 
 from agent.stream.stages import Progress
-from common.logsetup import escape_control
+from common.text import escape_control, human_bytes
 
 log = logging.getLogger(__name__)
 REDRAW_INTERVAL = 0.2
 LOG_INTERVAL = 30.0
 BAR_WIDTH = 24
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def human_bytes(count: float) -> str:
-    """``1536`` → ``1.5 KiB``."""
-    value = float(count)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def human_duration(seconds: float) -> str:

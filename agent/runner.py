@@ -31,7 +31,7 @@ from common.errors import (
     TransportError,
 )
 from common.events import Abort, Ack, Begin, Data, End, Report, Stored
-from common.logsetup import escape_control
+from common.text import escape_control
 
 if TYPE_CHECKING:  # the SSH stack loads in the background (agent.link.pending)
     from agent.link.connection import Channel, CollectorClient
@@ -62,7 +62,7 @@ class BackupResult:
         if self.ok:
             return (f"ok      {label} -> {self.name} ({self.size} bytes, "
                     f"sha256 {self.sha256}, {self.duration_s:.1f} s)")
-        return f"FAILED  {label}: {escape_control(self.error or 'unknown error')}"
+        return f"FAILED  {label}: {escape_control(self.error or 'unknown error', backslash=False)}"
 
 
 def run_exit_code(results: list[BackupResult]) -> ExitCode:

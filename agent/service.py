@@ -44,7 +44,7 @@ from agent.link.requests import ServiceClient, send_report
 from agent.runner import BackupRunner
 from agent.schedule import Schedule, parse_schedule
 from common.errors import BackhaulError, ConfigError, DumpError, ExitCode, TransportError
-from common.logsetup import escape_control
+from common.text import escape_control
 
 log = logging.getLogger(__name__)
 MAX_SLEEP = 60.0  # wake at least this often, so a changed wall clock is noticed

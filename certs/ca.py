@@ -25,6 +25,7 @@ from pathlib import Path
 import asyncssh
 
 from common.certificates import CertificateInfo, format_time
+from common.credentials import check_owner_only
 from common.errors import ConfigError
 from common.identity import is_valid_agent_name, key_fp, load_public_key
 from common.revocation import RevocationEntry, RevocationList
@@ -135,8 +136,7 @@ class CertificateAuthority:
             raise ConfigError(f"no CA in {directory}: {path} is missing (run init-ca)") from None
         except (OSError, asyncssh.KeyImportError, ValueError) as exc:
             raise ConfigError(f"cannot read CA key {path}: {exc}") from None
-        if mode & 0o077:
-            raise ConfigError(f"CA key {path} is readable by others; chmod 600 it")
+        check_owner_only(mode, path, "CA key")
         return cls(directory, key)
 
     def issue_agent(

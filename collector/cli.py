@@ -26,6 +26,7 @@ from common.cli import run_command, run_script
 from common.errors import ConfigError, ExitCode
 from common.logsetup import SafeFormatter, setup_logging
 from common.memory import keep_freed_memory
+from common.text import human_bytes
 
 PROG = "backhaul-collector"
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def _list(config: CollectorConfig, args: argparse.Namespace) -> int:
     rows = listing.listing_rows(entries, verify_status.load_status_or_warn(root),
                                 config.storage.timezone)
     print(listing.render_table(listing.LIST_HEADERS, rows, right=[3]))
-    total = listing.human_size(listing.total_size(entries))
+    total = human_bytes(listing.total_size(entries))
     print(f"{len(entries)} backup(s), {total}")
     return ExitCode.OK
 

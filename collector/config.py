@@ -125,12 +125,7 @@ def load_collector_config(path: Path) -> CollectorConfig:
     if metrics.has("listen"):
         metrics_listen = parse_host_port(metrics.text("listen"), metrics.where("listen"))
     metrics.done()
-    notify_table = top.raw("notify", None)
-    notify = None
-    if notify_table is not None:
-        if not isinstance(notify_table, dict):
-            raise ConfigError(f"{top.where('notify')} must be a table")
-        notify = parse_notify_config(notify_table, str(path))
+    notify = parse_notify_config(top.table("notify")) if top.has("notify") else None
     retention_table = top.raw("retention", {})
     if not isinstance(retention_table, dict):
         raise ConfigError(f"{top.where('retention')} must be a table")

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from common.errors import BackhaulError, ConfigError, ExitCode
-from common.logsetup import escape_control
+from common.text import escape_control
 
 
 def print_error(prog: str, message: str) -> None:
     """``prog: message`` on stderr, control characters escaped (names come from input)."""
-    print(f"{prog}: {escape_control(message)}", file=sys.stderr)
+    print(f"{prog}: {escape_control(message, backslash=False)}", file=sys.stderr)
 
 
 def run_script(main: Callable[[], int]) -> NoReturn:

@@ -6,6 +6,7 @@ the file and the dotted key in every error (fail closed, never warn-and-ignore).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,24 +59,6 @@ def parse_host_port(value: str, where: str, default_port: int | None = None) -> 
     return host, int(port_text)
 
 
-def read_secret_file(path: Path, where: str) -> str:
-    """Read a password file: the first line, without its line ending.
-
-    Raises:
-        ConfigError: the file is missing, unreadable or empty.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read password file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: password file {path} is not UTF-8") from None
-    secret = text.splitlines()[0] if text else ""
-    if not secret:
-        raise ConfigError(f"{where}: password file {path} is empty")
-    return secret
-
-
 class Table:
     """One TOML table being read; ``done()`` refuses keys nobody asked for."""
 
@@ -116,11 +99,19 @@ class Table:
             raise ConfigError(f"{self.where(key)} must be between {low} and {high}")
         return value
 
-    def number(self, key: str, default: Any = _MISSING, *, low: float = 0.0) -> Any:
+    def number(
+        self, key: str, default: Any = _MISSING, *, low: float = 0.0, high: float = math.inf
+    ) -> Any:
         value = self._get(key, (int, float), default, "a number")
-        if value is not default and value < low:
+        if value is default or value is None:
+            return float(value) if value is not None else None
+        if not math.isfinite(value):  # TOML allows nan and inf; no setting means either
+            raise ConfigError(f"{self.where(key)} must be a finite number, got {value!r}")
+        if value < low:
             raise ConfigError(f"{self.where(key)} must be at least {low}")
-        return float(value) if value is not None else None
+        if value > high:
+            raise ConfigError(f"{self.where(key)} must be at most {high}")
+        return float(value)
 
     def flag(self, key: str, default: Any = _MISSING) -> Any:
         return self._get(key, bool, default, "true or false")

@@ -15,31 +15,10 @@ import time
 from pathlib import Path
 
 from common.errors import ConfigError
+from common.text import escape_control
 
 DEFAULT_LOG_DIR = Path("/var/log/backhaul")
 FORMAT = "%(asctime)s %(program)s[%(process)d] %(levelname)s %(name)s: %(message)s"
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def escape_control(text: str) -> str:
-    """Make control characters visible: newline as \\n, ESC as \\x1b, and so on."""
-    if text.isprintable():
-        return text
-    out = []
-    for char in text:
-        if char.isprintable() or char == " ":
-            out.append(char)
-        elif char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        else:
-            code = ord(char)
-            if code < 0x100:
-                out.append(f"\\x{code:02x}")
-            elif code <= 0xFFFF:
-                out.append(f"\\u{code:04x}")
-            else:
-                out.append(f"\\U{code:08x}")
-    return "".join(out)
 
 
 class SafeFormatter(logging.Formatter):
@@ -52,7 +31,9 @@ class SafeFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.program = self._program
         message = super().format(record)
-        return escape_control(message)
+        # Call sites escape untrusted arguments themselves; this pass only guarantees one
+        # line and nothing invisible, and must not double the backslashes of their escapes.
+        return escape_control(message, backslash=False)
 
 
 class DailyFileHandler(logging.Handler):

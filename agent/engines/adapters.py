@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import SourceConfig
 from agent.stream.compress_thread import PipeDump
-from common.config import read_secret_file
+from common.credentials import read_secret_file
 from common.errors import ConfigError, DumpError
 
 if TYPE_CHECKING:

@@ -23,7 +23,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, cast
-from urllib.parse import quote_plus
 
 from bson.binary import Binary
 from bson.errors import BSONError
@@ -33,6 +32,7 @@ from pymongo.cursor import RawBatchCursor
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
+from common.credentials import scrub
 from common.errors import BackhaulError, ConfigError, DumpError
 from common.mongo_archive import (
     OPLOG_COLLECTION,
@@ -141,13 +141,6 @@ class _Plan:
     oplog_start: OplogPosition | None
 
 
-def _scrub(text: str, params: MongoParams) -> str:
-    if params.password:
-        for secret in {params.password, quote_plus(params.password)}:
-            text = text.replace(secret, "***")
-    return text
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BulkWriteError):  # its text holds whole documents; keep the first error
         errors = exc.details.get("writeErrors") or [{}]
@@ -172,10 +165,10 @@ def translate_errors(params: MongoParams, action: str) -> Iterator[None]:
             message = f"authentication as {who!r} failed on MongoDB at {params.hosts}"
         else:
             message = f"{action} failed on MongoDB at {params.hosts}: {_describe(exc)}"
-        raise DumpError(_scrub(message, params)) from exc
+        raise DumpError(scrub(message, params.password)) from exc
     except (PyMongoError, BSONError) as exc:
         message = f"{action} failed on MongoDB at {params.hosts}: {_describe(exc)}"
-        raise DumpError(_scrub(message, params)) from exc
+        raise DumpError(scrub(message, params.password)) from exc
 
 
 def connect(params: MongoParams) -> Client:
@@ -201,7 +194,7 @@ def connect(params: MongoParams) -> Client:
         )
     except PyMongoError as exc:
         raise ConfigError(
-            _scrub(f"MongoDB connection settings are invalid: {exc}", params)
+            scrub(f"MongoDB connection settings are invalid: {exc}", params.password)
         ) from exc
 
 
@@ -214,7 +207,7 @@ def _hello(client: Client, params: MongoParams) -> dict[str, Any]:
         raise
     except Exception as exc:  # a server that breaks the handshake surfaces as odd exceptions
         message = f"connecting failed on MongoDB at {params.hosts}: {type(exc).__name__}"
-        raise DumpError(_scrub(message, params)) from exc
+        raise DumpError(scrub(message, params.password)) from exc
 
 
 def _server_version(client: Client) -> str:

@@ -36,6 +36,7 @@ from types import TracebackType
 
 from agent.engines.mysql_inspect import MySQLParams
 from agent.stream.pipe import PipeReader, PipeStopped, widen
+from common.credentials import scrub
 from common.errors import DumpError
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ class MySQLDump:
     @property
     def stderr(self) -> str:
         """The last ``STDERR_LIMIT`` bytes the tool wrote to stderr (warnings, errors)."""
-        return self._scrub(self._stderr.decode("utf-8", errors="replace"))
+        return scrub(self._stderr.decode("utf-8", errors="replace"), self.params.password)
 
     async def __aenter__(self) -> MySQLDump:
         tool = self._tool or find_dump_tool()
@@ -433,13 +434,7 @@ class MySQLDump:
         message = f"{name} {how} dumping database {self.database!r} from {self.params.endpoint}"
         if tail:
             message += f": {tail}"
-        return DumpError(self._scrub(message), returncode=returncode, stderr=stderr)
-
-    def _scrub(self, text: str) -> str:
-        password = self.params.password
-        if password and len(password) >= 4:
-            text = text.replace(password, "***")
-        return text
+        return DumpError(scrub(message, self.params.password), returncode=returncode, stderr=stderr)
 
     def _remove_option_file(self) -> None:
         if self._option_file is not None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import pymysql
 
+from common.credentials import scrub
 from common.errors import DumpError
 
 SYSTEM_SCHEMAS = frozenset({"information_schema", "performance_schema", "mysql", "sys"})
@@ -264,14 +265,7 @@ def _translate(exc: BaseException, params: MySQLParams, database: str | None) ->
     else:
         scope = f" (database {database!r})" if database is not None else ""
         message = f"MySQL error {code} on server at {where}{scope}: {detail}"
-    return DumpError(_scrub(message, params.password))
-
-
-def _scrub(message: str, password: str | None) -> str:
-    """Belt and braces: no server or driver message should echo a password, but if one does."""
-    if password and len(password) >= 4:
-        message = message.replace(password, "***")
-    return message
+    return DumpError(scrub(message, params.password))
 
 
 # -- privileges -------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from agent.restore.restore import (
 )
 from agent.restore.targets import Loader, MongoLoader, MySQLLoader
 from common.errors import BackhaulError, DumpError, ExitCode, IntegrityError
-from common.logsetup import escape_control
+from common.text import escape_control
 
 log = logging.getLogger(__name__)
 SCRATCH_PREFIX = "backhaul_drill_"  # a leading letter: valid on every server
@@ -93,7 +93,7 @@ class DrillResult:
 
     def line(self) -> str:
         status = "drill passed" if self.ok else f"DRILL FAILED ({self.reason})"
-        return f"{status}: {escape_control(self.message)}"
+        return f"{status}: {escape_control(self.message, backslash=False)}"
 
 
 def scratch_name(database: str, token: str | None = None) -> str:

@@ -29,9 +29,9 @@ from agent.link.requests import Fetched, fetch, list_backups
 from agent.restore.targets import Loader, MongoLoader, MySQLLoader
 from common.compression import StreamChecker
 from common.errors import BackhaulError, ConfigError, ExitCode, IntegrityError
-from common.logsetup import escape_control
 from common.mongo_archive import ArchiveVerifier
 from common.naming import EXTENSIONS, parse_backup_name
+from common.text import escape_control
 
 log = logging.getLogger(__name__)
 SQL_TRAILER = b"-- Dump completed"

@@ -26,6 +26,7 @@ from agent.engines.mysql_inspect import MySQLParams
 from agent.restore import mysql_schema
 from agent.restore.mongo_loader import RestoreResult, restore_archive
 from agent.restore.mysql_schema import SchemaState
+from common.credentials import scrub
 from common.errors import BackhaulError, DumpError
 
 log = logging.getLogger(__name__)
@@ -171,9 +172,7 @@ class _ClientSink:
         returncode = await self._proc.wait()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stderr_task
-        text = self._stderr.decode("utf-8", errors="replace")
-        if self._password and len(self._password) >= 4:
-            text = text.replace(self._password, "***")
+        text = scrub(self._stderr.decode("utf-8", errors="replace"), self._password)
         lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
         tail = " | ".join(lines[-_STDERR_LINES_IN_MESSAGE:])
         message = f"{self._tool} exited with status {returncode} loading into {self._target!r}"

@@ -26,7 +26,7 @@ from collector.serve.session import BackhaulSession, SessionContext
 from collector.store.files import Store
 from common.errors import TransportError
 from common.identity import AgentAuthenticator
-from common.logsetup import escape_control
+from common.text import escape_control
 
 log = logging.getLogger(__name__)
 # What session_requested returns: the channel and its session, or False to refuse.

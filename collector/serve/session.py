@@ -49,9 +49,9 @@ from common.events import (
     encode_payload,
 )
 from common.frames import MAX_CONTROL_PAYLOAD, encode_frame
-from common.logsetup import escape_control
 from common.naming import check_database_name, extension_for
 from common.protocol import SUBSYSTEM, Closed, Connection, Role, State
+from common.text import escape_control
 
 log = logging.getLogger(__name__)
 HIGH_WATER = 4 * 1024 * 1024  # queued bytes before we stop reading the channel
@@ -337,14 +337,14 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 await self._fetch(request)
         except RemoteProtocolError as exc:
             log.warning("protocol error from agent %s (%s): %s", self.agent, self.peer,
-                        escape_control(str(exc)))
+                        escape_control(str(exc), backslash=False))
             await self._reject(exc.reject_code, str(exc))
         except ChannelClosed as exc:
             log.info("channel from agent %s (%s) ended: %s", self.agent, self.peer,
-                     escape_control(str(exc)))
+                     escape_control(str(exc), backslash=False))
         except BackhaulError as exc:
             log.error("request from agent %s (%s) failed: %s", self.agent, self.peer,
-                      escape_control(str(exc)))
+                      escape_control(str(exc), backslash=False))
             await self._reject(exc.reject_code, str(exc))
         except Exception:  # a collector bug: log it in full, tell the agent little
             log.exception("internal error serving agent %s (%s)", self.agent, self.peer)
@@ -372,7 +372,7 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             ) from None
 
     async def _reject(self, code: RejectCode, reason: str) -> None:
-        event = Reject(code.value, escape_control(reason)[:1000])
+        event = Reject(code.value, escape_control(reason, backslash=False)[:1000])
         try:
             if self._conn.state is State.START:
                 # The first frame was already wrong. A conforming agent has sent its
@@ -396,7 +396,8 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         database = report.database
         if database is not None and not (_storable(database) and self._database_allowed(database)):
             database = None
-        message = escape_control(report.message)
+        # The agent composed it, its own names already escaped: do not double those escapes.
+        message = escape_control(report.message, backslash=False)
         if report.kind != "failure":
             await self._drill_report(report, database, message)
             return
@@ -569,10 +570,10 @@ class _Upload:
         else:
             reason, message = RejectCode.INTERNAL.value, "internal error"
         log.error("backup %s from %s failed (%s): %s", self._label(), self.session.peer, reason,
-                  escape_control(message))
+                  escape_control(message, backslash=False))
         self.ctx.outcomes.finished(Outcome(
             agent=self.session.agent, database=self.begin.database, backup_id=self.backup_id,
-            result="failure", reason=reason, message=escape_control(message),
+            result="failure", reason=reason, message=escape_control(message, backslash=False),
             size_bytes=self.upload.bytes_written if self.upload else 0,
             duration_s=time.monotonic() - self.started_monotonic,
         ))
@@ -638,7 +639,7 @@ class _Upload:
             elif isinstance(event, End):
                 return await self._finish(event, started)
             elif isinstance(event, Abort):
-                raise _Aborted(escape_control(event.reason), event.code)
+                raise _Aborted(escape_control(event.reason, backslash=False), event.code)
             elif isinstance(event, Closed):
                 raise ChannelClosed("agent closed the channel before END")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, StorageError
+from common.fsutil import fsync_dir
 from common.naming import (
     MANIFEST_SUFFIX,
     TEMP_PREFIX,
@@ -39,15 +40,6 @@ log = logging.getLogger(__name__)
 FILE_MODE = 0o440
 DIR_MODE = 0o750
 MAX_SEQ = 9999
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a new name, a removed one) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_agent_name(name: str) -> None:

@@ -13,19 +13,9 @@ from datetime import datetime, tzinfo
 
 from collector.store.inventory import GONE, MISMATCH, Check, Entry
 from collector.store.verify_status import VerifyStatus, entry_key
-from common.logsetup import escape_control
+from common.text import escape_control, human_bytes
 
 LIST_HEADERS = ("AGENT", "DATABASE", "NAME", "SIZE", "STARTED", "VERIFIED")
-
-
-def human_size(size: int) -> str:
-    """1536 -> '1.5 KiB'; binary units, as `ls -lh` and `du -h` use."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def total_size(entries: Iterable[Entry]) -> int:
@@ -69,7 +59,7 @@ def listing_rows(
     rows: list[tuple[str, ...]] = []
     for entry in entries:
         try:
-            size = human_size(entry.path.stat().st_size)
+            size = human_bytes(entry.path.stat().st_size)
         except OSError:
             size = "?"
         moment = started_at(entry)
@@ -109,9 +99,10 @@ def render_table(
 def format_check(check: Check) -> str:
     """One line of `verify` output: status, agent/database/name and the reasons."""
     entry = check.entry
-    line = f"{check.status:<8}  {entry.agent}/{entry.database}/{entry.name}"
+    line = f"{check.status:<8}  " + escape_control(f"{entry.agent}/{entry.database}/{entry.name}")
     if check.status == GONE:
         line += ": deleted while verify was running"
     elif check.reasons:
-        line += ": " + "; ".join(check.reasons)
-    return escape_control(line)
+        # Reasons are composed messages that may quote a name already escaped.
+        line += ": " + escape_control("; ".join(check.reasons), backslash=False)
+    return line

@@ -32,12 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from collector.config import CollectorConfig
-from collector.store.files import fsync_dir
 from collector.store.inventory import Entry, agent_folders, scan
 from collector.store.listing import counts_as_verified, render_table, started_at
 from collector.store.retention import Backup, RetentionPlan, plan
-from collector.store.verify_status import file_lock, load_status_or_warn
+from collector.store.verify_status import load_status_or_warn
 from common.errors import ConfigError
+from common.fsutil import file_lock, fsync_dir
 from common.naming import MANIFEST_SUFFIX
 
 log = logging.getLogger(__name__)

@@ -22,20 +22,19 @@ raised would look as if it had never moved.
 A run over part of the store (``--agent``, ``--database``) replaces the findings within
 its scope and keeps the others.
 
-The flock helper here (:func:`file_lock`) serialises writers of the status file and also
-keeps two prunes from running at once.
+Writers of the status file are serialised by :func:`common.fsutil.file_lock` on
+``<root>/.verify-status.lock``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +44,7 @@ from prometheus_client.metrics_core import Metric
 
 from collector.store.files import check_agent_name
 from common.errors import ConfigError, StorageError
+from common.fsutil import file_lock, fsync_dir, give_to_folder_owner
 from common.naming import encode_database, parse_backup_name
 
 if TYPE_CHECKING:
@@ -192,51 +192,17 @@ def _write_atomically(root: Path, name: str, content: bytes) -> None:
             while view:
                 view = view[os.write(fd, view) :]
             os.fchmod(fd, STATUS_MODE)
-            _give_to_store_owner(fd, root)
+            give_to_folder_owner(fd, root)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, root / name)
-        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(root)
     except OSError as exc:
         raise StorageError(f"cannot write {root / name}: {exc.strerror}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-
-
-@contextlib.contextmanager
-def file_lock(root: Path, name: str, *, wait: bool = True, busy: str = "") -> Iterator[None]:
-    """Hold an flock on ``<root>/<name>``; with ``wait=False`` fail at once if it is held,
-    saying ``busy``.
-
-    Raises:
-        StorageError: the lock file cannot be opened, or it is held and ``wait`` is False.
-    """
-    path = root / name
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, STATUS_MODE)
-    except OSError as exc:
-        raise StorageError(f"cannot open the lock {path}: {exc.strerror}") from None
-    try:
-        _give_to_store_owner(fd, root)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StorageError(busy or f"another process holds {path}") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _give_to_store_owner(fd: int, root: Path) -> None:
-    if os.geteuid() == 0:  # run by root: leave the file to the collector's user
-        st = os.stat(root)
-        os.fchown(fd, st.st_uid, st.st_gid)
 
 
 class VerifyStatusReader:

@@ -32,6 +32,7 @@ from collector.report.notify import (
     NotifyConfig,
     parse_notify_config,
 )
+from common.config import Table
 
 pytestmark = pytest.mark.integration
 
@@ -297,7 +298,7 @@ async def test_email_with_starttls_and_auth(tmp_path: Path) -> None:
             "cafile": cert.name,
         },
     }
-    cfg = parse_notify_config(table, str(tmp_path / "collector.toml"))
+    cfg = parse_notify_config(Table(table, tmp_path / "collector.toml", "notify."))
     rec = Recorder()
     notifier = Notifier(cfg, rec.sent, rec.failed)
     await notifier.start()

@@ -98,7 +98,7 @@ def test_loading_a_ca_whose_key_others_can_read_is_refused(
     authority: ca.CertificateAuthority,
 ) -> None:
     (authority.directory / ca.CA_KEY).chmod(0o640)
-    with pytest.raises(ConfigError, match="readable by others"):
+    with pytest.raises(ConfigError, match=r"readable by its group.*chmod 600"):
         ca.CertificateAuthority.load(authority.directory)
 
 

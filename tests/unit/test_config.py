@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Table, load_toml, parse_host_port, read_secret_file
+from common.config import Table, load_toml, parse_host_port
 from common.errors import ConfigError
-from common.logsetup import DailyFileHandler, SafeFormatter, escape_control
+from common.logsetup import DailyFileHandler, SafeFormatter
+from common.text import escape_control
 
 CONFIG = """
 name = "web1"
@@ -211,6 +212,18 @@ def test_number_minimum_is_enforced(config_path: Path) -> None:
         Table({"timeout": 0.5}, config_path).number("timeout", low=1)
 
 
+def test_number_maximum_is_enforced(config_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at most 300"):
+        Table({"timeout": 301}, config_path).number("timeout", high=300)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_number_refuses_nan_and_infinity(config_path: Path, value: float) -> None:
+    """TOML has nan and inf; a NaN timeout would pass every comparison and mean nothing."""
+    with pytest.raises(ConfigError, match="finite number"):
+        Table({"timeout": value}, config_path).number("timeout", low=1)
+
+
 def test_text_choices_are_enforced(config_path: Path) -> None:
     table = Table({"compression": "bz2"}, config_path)
     with pytest.raises(ConfigError, match="one of zstd, gzip"):
@@ -316,99 +329,6 @@ def test_parse_host_port_uses_the_default_port_for_a_bracketed_ipv6_address() ->
     assert parse_host_port("[::1]", "server.listen", 2222) == ("::1", 2222)
 
 
-# --- read_secret_file --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        ("s3cret\n", "s3cret"),
-        ("s3cret", "s3cret"),
-        ("s3cret\r\n", "s3cret"),
-        ("first\nsecond\n", "first"),
-        ("  spaced pass  \n", "  spaced pass  "),
-        ("p\u00e4ss\n", "p\u00e4ss"),
-    ],
-)
-def test_read_secret_file_returns_the_first_line(
-    tmp_path: Path, content: str, expected: str
-) -> None:
-    path = tmp_path / "password"
-    path.write_text(content, encoding="utf-8")
-    assert read_secret_file(path, "source db1") == expected
-
-
-@pytest.mark.parametrize("content", ["", "\n", "\n\nsecret-on-line-3\n"])
-def test_read_secret_file_refuses_an_empty_first_line(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "password"
-    path.write_text(content)
-    with pytest.raises(ConfigError, match="is empty") as caught:
-        read_secret_file(path, "source db1")
-    assert str(caught.value).startswith("source db1: ")
-
-
-def test_read_secret_file_refuses_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read password file"):
-        read_secret_file(tmp_path / "absent", "source db1")
-
-
-def test_read_secret_file_refuses_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read password file"):
-        read_secret_file(tmp_path, "source db1")
-
-
-def test_read_secret_file_refuses_a_file_that_is_not_utf8(tmp_path: Path) -> None:
-    path = tmp_path / "password"
-    path.write_bytes(b"\xff\xfesecret\n")
-    with pytest.raises(ConfigError, match="password file"):
-        read_secret_file(path, "source db1")
-
-
-def test_secret_never_appears_in_the_empty_file_error(tmp_path: Path) -> None:
-    path = tmp_path / "password"
-    path.write_text("\nhunter2\n")
-    with pytest.raises(ConfigError) as caught:
-        read_secret_file(path, "source db1")
-    assert "hunter2" not in str(caught.value)
-
-
-# --- escape_control ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("plain text", "plain text"),
-        ("\u00fcn\u00ef \u6570\u636e", "\u00fcn\u00ef \u6570\u636e"),
-        ("", ""),
-        ("line\nforged line", "line\\nforged line"),
-        ("cr\rhere", "cr\\rhere"),
-        ("tab\there", "tab\\there"),
-        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
-        ("nul\x00", "nul\\x00"),
-        ("del\x7f", "del\\x7f"),
-        ("nel\x85", "nel\\x85"),
-        ("ls\u2028ps\u2029", "ls\\u2028ps\\u2029"),
-        ("rlo\u202e", "rlo\\u202e"),
-        ("nbsp\u00a0", "nbsp\\xa0"),
-    ],
-)
-def test_escape_control_makes_control_characters_visible(text: str, expected: str) -> None:
-    assert escape_control(text) == expected
-
-
-def test_escaped_text_holds_no_line_break_or_escape() -> None:
-    text = "".join(chr(c) for c in range(0x20)) + "\x7f\x85\u2028\u2029"
-    escaped = escape_control(text)
-    assert escaped.isprintable()
-    assert len(escaped.splitlines()) == 1
-
-
-def test_escape_control_is_unambiguous_above_the_bmp() -> None:
-    """U+E0001 must not read the same as U+E000 followed by "1"."""
-    assert escape_control("\U000e0001") != escape_control("\ue0001")
-
-
 # --- DailyFileHandler --------------------------------------------------------------------
 
 
@@ -454,6 +374,16 @@ def test_handler_writes_one_line_per_record_even_with_a_newline(
     lines = (tmp_path / f"{day_of(now)}.log").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2
     assert lines[0].endswith("database evil\\n2026-11-26 FAKE ERROR\\x1b[2J refused")
+
+
+def test_handler_does_not_double_an_argument_escaped_at_its_call_site(
+    handler: DailyFileHandler, tmp_path: Path
+) -> None:
+    """A name escaped where it was logged reads the same in the file, not with \\\\n."""
+    now = time.time()
+    handler.handle(record("agent aborted: %s", now, escape_control("oops\nFAKE \\ x")))
+    line = (tmp_path / f"{day_of(now)}.log").read_text(encoding="utf-8").splitlines()[0]
+    assert line.endswith("agent aborted: oops\\nFAKE \\\\ x")
 
 
 def test_handler_keeps_a_traceback_on_one_line(handler: DailyFileHandler, tmp_path: Path) -> None:

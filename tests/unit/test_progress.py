@@ -7,9 +7,10 @@ import logging
 
 import pytest
 
-from agent.progress import ProgressDisplay, human_bytes, human_duration
+from agent.progress import ProgressDisplay, human_duration
 from agent.stream.stages import run_pipeline
 from common.compression import make_compressor
+from common.text import human_bytes
 
 
 class Clock:
