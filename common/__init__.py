@@ -1,1 +1,2 @@
-"""Shared by agent and collector: wire protocol, naming, compression, logging, errors."""
+"""Shared by agent and collector: wire protocol, naming, compression, the integrity
+check, logging, errors."""

@@ -3,7 +3,7 @@ re-verification against their manifests.
 
 Re-verification reads every selected backup to its end: byte count and SHA-256 against the
 manifest, the compression stream decoded to its end, and the dump format's completeness
-mark (the checks of ingest, in :mod:`collector.serve.ingest_check`). A data file whose manifest is
+mark (the checks of ingest, in :mod:`common.integrity`). A data file whose manifest is
 missing or unreadable is a mismatch too: without it nothing can be proven.
 
 A verify run records its mismatches in the status file of :mod:`collector.store.verify_status`,
@@ -23,11 +23,11 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from collector.serve.ingest_check import FORMAT_CHECKS
 from collector.store.files import check_agent_name, iter_backups
 from collector.store.verify_status import record
 from common.compression import StreamChecker
 from common.errors import IntegrityError, StorageError
+from common.integrity import FORMAT_CHECKS
 from common.naming import MANIFEST_SUFFIX, decode_database, encode_database, parse_backup_name
 
 log = logging.getLogger(__name__)
