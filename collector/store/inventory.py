@@ -1,10 +1,10 @@
 """What the store holds and whether it is still intact: the backups found in it and their
 re-verification against their manifests.
 
-Re-verification reads every selected backup to its end: byte count and SHA-256 against the
-manifest, the compression stream decoded to its end, and the dump format's completeness
-mark (the checks of ingest, in :mod:`common.integrity`). A data file whose manifest is
-missing or unreadable is a mismatch too: without it nothing can be proven.
+Re-verification reads every selected backup to its end through the checker ingest uses
+(:mod:`common.integrity`): byte count and SHA-256 against the manifest, the compression
+stream decoded to its end, and the dump format's completeness mark. A data file whose
+manifest is missing or unreadable is a mismatch too: without it nothing can be proven.
 
 A verify run records its mismatches in the status file of :mod:`collector.store.verify_status`,
 through which the serving collector learns of bit rot.
@@ -12,7 +12,7 @@ through which the serving collector learns of bit rot.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import os
 import secrets
@@ -25,9 +25,9 @@ from typing import Any
 
 from collector.store.files import check_agent_name, iter_backups
 from collector.store.verify_status import record
-from common.compression import StreamChecker
+from common.compression import KINDS
 from common.errors import IntegrityError, StorageError
-from common.integrity import FORMAT_CHECKS
+from common.integrity import FORMAT_CHECKS, IntegrityChecker
 from common.naming import MANIFEST_SUFFIX, decode_database, encode_database, parse_backup_name
 
 log = logging.getLogger(__name__)
@@ -138,17 +138,14 @@ def check_backup(entry: Entry, max_ratio: int | None = None) -> Check:
         if not entry.path.exists():
             return Check(entry, GONE)
         return Check(entry, MISMATCH, ("manifest missing or unreadable",))
-    expected_size, expected_sha = entry.manifest.get("size"), entry.manifest.get("sha256")
-    reasons: list[str] = []
-    stream = _StreamCheck(entry.manifest, max_ratio)
-    sha = hashlib.sha256()
-    size = 0
+    checker = _checker_for(entry.manifest, max_ratio)
     try:
         with open(entry.path, "rb") as handle:
             while chunk := handle.read(READ_CHUNK):
-                sha.update(chunk)
-                size += len(chunk)
-                stream.feed(chunk)
+                # A problem in the content is kept by the checker; reading on still
+                # gives the size and SHA-256 to report beside it.
+                with contextlib.suppress(IntegrityError):
+                    checker.feed(chunk)
     except FileNotFoundError:
         if _manifest_follows(entry):
             return Check(entry, GONE)
@@ -157,18 +154,17 @@ def check_backup(entry: Entry, max_ratio: int | None = None) -> Check:
         raise StorageError(f"cannot read {entry.path}: {exc.strerror}") from None
     except OSError as exc:
         return Check(entry, MISMATCH, (f"read error: {exc.strerror or exc}",))
-    if not isinstance(expected_size, int) or isinstance(expected_size, bool):
-        reasons.append("manifest has no size")
-    elif size != expected_size:
-        reasons.append(f"size is {size} bytes, manifest says {expected_size}")
-    if not isinstance(expected_sha, str):
-        reasons.append("manifest has no SHA-256")
-    elif sha.hexdigest() != expected_sha:
-        reasons.append(
-            f"SHA-256 is {sha.hexdigest()[:16]}..., manifest says {expected_sha[:16]}..."
-        )
-    reasons.extend(stream.finish())
+    reasons = checker.audit(entry.manifest.get("size"), entry.manifest.get("sha256"))
     return Check(entry, MISMATCH if reasons else OK, tuple(reasons))
+
+
+def _checker_for(manifest: Mapping[str, Any], max_ratio: int | None) -> IntegrityChecker:
+    fmt, compression = manifest.get("format"), manifest.get("compression")
+    if not isinstance(fmt, str) or fmt not in FORMAT_CHECKS:
+        return IntegrityChecker.refusing(f"manifest names an unknown format {fmt!r}")
+    if compression not in KINDS:
+        return IntegrityChecker.refusing(f"manifest names an unknown compression {compression!r}")
+    return IntegrityChecker(fmt, compression, max_ratio)
 
 
 def _manifest_follows(entry: Entry, wait: float = 1.0) -> bool:
@@ -180,45 +176,6 @@ def _manifest_follows(entry: Entry, wait: float = 1.0) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-class _StreamCheck:
-    """Decodes the compression stream and runs the format check; keeps the first problem."""
-
-    def __init__(self, manifest: Mapping[str, Any], max_ratio: int | None) -> None:
-        self.problem: str | None = None
-        self._checker: StreamChecker | None = None
-        compression, fmt = manifest.get("compression"), manifest.get("format")
-        make_format = FORMAT_CHECKS.get(fmt) if isinstance(fmt, str) else None
-        if make_format is None:
-            self.problem = f"manifest names an unknown format {fmt!r}"
-            return
-        self._format = make_format()
-        try:
-            self._checker = StreamChecker(
-                str(compression), sink=self._format.feed, max_ratio=max_ratio
-            )
-        except ValueError:
-            self.problem = f"manifest names an unknown compression {compression!r}"
-
-    def feed(self, chunk: bytes) -> None:
-        if self._checker is None or self.problem is not None:
-            return
-        try:
-            self._checker.feed(chunk)
-        except IntegrityError as exc:
-            self.problem = str(exc)
-
-    def finish(self) -> list[str]:
-        if self._checker is not None and self.problem is None:
-            try:
-                self._checker.finish()
-                if self._checker.output_bytes == 0:
-                    raise IntegrityError("backup is empty once decompressed")
-                self._format.finish(self._checker.tail)
-            except IntegrityError as exc:
-                self.problem = str(exc)
-        return [] if self.problem is None else [self.problem]
 
 
 @dataclass(frozen=True)
