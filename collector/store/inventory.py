@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from collector.store.files import check_agent_name, iter_backups
-from collector.store.verify_status import record
+from collector.store.verify_status import Finding, RunRecord, Scope, record
 from common.compression import KINDS
 from common.errors import IntegrityError, StorageError
 from common.integrity import FORMAT_CHECKS, IntegrityChecker
@@ -59,6 +59,11 @@ class Entry:
     def manifest_sha256(self) -> str:
         value = self.manifest.get("sha256") if self.manifest is not None else None
         return value if isinstance(value, str) else ""
+
+
+def entry_key(entry: Entry) -> tuple[str, str, str, str]:
+    """The key of ``entry`` in :meth:`~collector.store.verify_status.VerifyStatus.mismatched`."""
+    return entry.agent, entry.database, entry.name, entry.manifest_sha256
 
 
 def scan(root: Path, agent: str | None = None, database: str | None = None) -> list[Entry]:
@@ -179,19 +184,6 @@ def _manifest_follows(entry: Entry, wait: float = 1.0) -> bool:
 
 
 @dataclass(frozen=True)
-class Scope:
-    """What one verify run covers: everything, one agent, or one database of one agent."""
-
-    agent: str | None = None
-    database: str | None = None
-
-    def covers(self, agent: str, database: str) -> bool:
-        if self.agent is not None and agent != self.agent:
-            return False
-        return self.database is None or database == self.database
-
-
-@dataclass(frozen=True)
 class VerifyRun:
     """The result of :func:`verify_store`."""
 
@@ -234,7 +226,7 @@ def verify_store(
             progress(check)
     run = VerifyRun(run_id, checks)
     if root.is_dir():
-        record(root, scope, run, started)
+        record(root, _run_record(run, scope, started))
     log.info(
         "verify run %s: %d backup(s) checked, %d mismatch(es)",
         run_id,
@@ -242,3 +234,12 @@ def verify_store(
         len(run.mismatches),
     )
     return run
+
+
+def _run_record(run: VerifyRun, scope: Scope, started: datetime) -> RunRecord:
+    finished = datetime.now(UTC)
+    findings = [
+        Finding(run.run_id, finished.isoformat(), *entry_key(c.entry), "; ".join(c.reasons))
+        for c in run.mismatches
+    ]
+    return RunRecord(run.run_id, scope, started, finished, len(run.checks), findings)
