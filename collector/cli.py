@@ -184,7 +184,7 @@ def _verify(config: CollectorConfig, args: argparse.Namespace) -> int:
         raise ConfigError("--database needs --agent")
     _known_agent(config, args.agent)
     _file_logging(config, logging.INFO if args.verbose else None)
-    scope = inventory.Scope(args.agent, args.database)
+    scope = verify_status.Scope(args.agent, args.database)
     run = inventory.verify_store(config.storage.root, scope, config.storage.max_expansion,
                                  progress=lambda check: print(listing.format_check(check)))
     print(f"{len(run.checks)} backup(s) checked, {len(run.mismatches)} mismatch(es)")

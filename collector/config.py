@@ -13,6 +13,7 @@ from collector.report.notify import NotifyConfig, parse_notify_config
 from collector.store.retention import RetentionPolicy, parse_retention
 from common.config import Table, load_toml, parse_host_port
 from common.errors import ConfigError
+from common.integrity import DEFAULT_MAX_RATIO
 from common.logsetup import DEFAULT_LOG_DIR
 
 DEFAULT_PORT = 2222
@@ -53,7 +54,7 @@ class StorageConfig:
     root: Path
     timezone_name: str = "local"
     max_backup_bytes: int | None = None  # compressed size cap per backup; None = no cap
-    max_expansion: int = 100_000  # max expanded/compressed ratio tolerated at verify
+    max_expansion: int = DEFAULT_MAX_RATIO  # max expanded/compressed ratio tolerated at verify
 
     @property
     def timezone(self) -> tzinfo:
@@ -168,7 +169,7 @@ def _storage(table: Table) -> StorageConfig:
         root=table.path("root"),
         timezone_name=table.text("timezone", "local"),
         max_backup_bytes=max_bytes or None,
-        max_expansion=table.integer("max_expansion", 100_000, low=10),
+        max_expansion=table.integer("max_expansion", DEFAULT_MAX_RATIO, low=10),
     )
     table.done()
     try:

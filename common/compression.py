@@ -1,4 +1,4 @@
-"""Streaming compression (agent) and streaming decompression checks (collector, restore).
+"""Streaming compression (agent) and streaming decompression checks (for :mod:`common.integrity`).
 
 zstd (default, level 3) and gzip. The checker decompresses as bytes arrive, with
 bounded memory even against a decompression bomb: decoded bytes are handed over

@@ -7,8 +7,9 @@ that already holds tables, views, routines, events or collections is refused unl
 
 The backup crosses the network twice and the database host's disk never. The first
 pass proves it whole before anything is touched: size and SHA-256 against the manifest
-recorded when it was stored and against END, the compressed stream decoded to its end,
-and the dump's own completeness (the SQL trailer, the archive's CRCs). The second pass
+recorded when it was stored and against END, then the collector's own check
+(:mod:`common.integrity`: the compressed stream decoded to its end, the dump's
+completeness mark such as the SQL trailer or the archive's CRCs). The second pass
 streams it into the database, checked the same way again. A backup damaged on the
 collector is therefore refused with nothing loaded.
 """
@@ -27,15 +28,12 @@ from agent.engines.adapters import MongoAdapter, MySQLAdapter, adapter_for
 from agent.link.connection import CollectorClient
 from agent.link.requests import Fetched, fetch, list_backups
 from agent.restore.targets import Loader, MongoLoader, MySQLLoader
-from common.compression import StreamChecker
 from common.errors import BackhaulError, ConfigError, ExitCode, IntegrityError
-from common.mongo_archive import ArchiveVerifier
+from common.integrity import DEFAULT_MAX_RATIO, IntegrityChecker
 from common.naming import EXTENSIONS, parse_backup_name
 from common.text import escape_control
 
 log = logging.getLogger(__name__)
-SQL_TRAILER = b"-- Dump completed"
-MAX_RATIO = 100_000  # the collector's default ceiling on expansion
 
 
 class NoBackupError(BackhaulError):
@@ -200,26 +198,33 @@ async def restore_backup(
     """
     name, database = str(summary["name"]), str(summary["database"])
     fmt, compression = _kind(name)
-    first = _Check(fmt, compression)
+    first = IntegrityChecker(fmt, compression, DEFAULT_MAX_RATIO)
+
+    async def check(chunk: bytes) -> None:
+        await asyncio.to_thread(first.feed, chunk)
+
     verified = await fetch(
-        client, database, name, first.feed, progress=_advance(meter, f"verifying {name}", summary)
+        client, database, name, check, progress=_advance(meter, f"verifying {name}", summary)
     )
-    first.finish()
+    first.finish(verified.byte_count, verified.sha256)
     _check_manifest(verified, summary, fmt, compression)
     log.info("%s verified: %d bytes, sha256 %s", name, verified.byte_count, verified.sha256)
     await loader.prepare(target, replace=replace)
-    second = _Check(fmt, compression)
+    pieces: list[bytes] = []
+    second = IntegrityChecker(fmt, compression, DEFAULT_MAX_RATIO, sink=pieces.append)
     async with loader.load(target) as sink:
 
         async def take(chunk: bytes) -> None:
-            for piece in await second.feed_collect(chunk):
+            await asyncio.to_thread(second.feed, chunk)
+            for piece in pieces:
                 await sink.write(piece)
+            pieces.clear()
 
         try:
             loaded = await fetch(
                 client, database, name, take, progress=_advance(meter, f"loading {name}", summary)
             )
-            second.finish()
+            facts = second.finish(loaded.byte_count, loaded.sha256)
         except IntegrityError as exc:
             raise IntegrityError(f"{exc} (while loading: {target!r} may hold part of it)") from None
         await sink.finish()
@@ -227,7 +232,7 @@ async def restore_backup(
         raise IntegrityError(f"{name} changed on the collector between verifying and loading")
     log.info("%s loaded into %r", name, target)
     return RestoreOutcome(
-        name, target, loaded.byte_count, loaded.sha256, second.output_bytes, loaded.manifest
+        name, target, loaded.byte_count, loaded.sha256, facts["uncompressed_bytes"], loaded.manifest
     )
 
 
@@ -259,45 +264,3 @@ def _check_manifest(fetched: Fetched, summary: dict[str, Any], fmt: str, compres
         or manifest.get("compression", compression) != compression
     ):
         raise IntegrityError(f"{fetched.name}: its manifest does not match its name")
-
-
-class _Check:
-    """Decompresses a fetched stream and checks the dump inside is complete."""
-
-    def __init__(self, fmt: str, compression: str) -> None:
-        self._fmt = fmt
-        self._pending: list[bytes] = []
-        self._archive = ArchiveVerifier() if fmt == "archive" else None
-        self._checker = StreamChecker(compression, sink=self._take, max_ratio=MAX_RATIO)
-
-    @property
-    def output_bytes(self) -> int:
-        return self._checker.output_bytes
-
-    def _take(self, data: bytes) -> None:
-        self._pending.append(data)
-
-    def _feed(self, chunk: bytes) -> list[bytes]:
-        self._checker.feed(chunk)
-        out, self._pending = self._pending, []
-        if self._archive is not None:
-            for piece in out:
-                self._archive.feed(piece)
-        return out
-
-    async def feed(self, chunk: bytes) -> None:
-        await asyncio.to_thread(self._feed, chunk)
-
-    async def feed_collect(self, chunk: bytes) -> list[bytes]:
-        return await asyncio.to_thread(self._feed, chunk)
-
-    def finish(self) -> None:
-        self._checker.finish()
-        if self._checker.output_bytes == 0:
-            raise IntegrityError("the backup is empty once decompressed")
-        if self._archive is not None:
-            self._archive.finish()
-            return
-        last_lines = self._checker.tail.rstrip(b"\n").rsplit(b"\n", 3)[-3:]
-        if not any(line.startswith(SQL_TRAILER) for line in last_lines):
-            raise IntegrityError("the SQL dump has no completion trailer: it is incomplete")

@@ -1,3 +1,3 @@
-"""The serving path: the SSH server, one session per channel, and the check that proves
-an incoming backup whole before it is published.
+"""The serving path: the SSH server and one session per channel, which proves each
+incoming backup whole (with :mod:`common.integrity`) before it is published.
 """

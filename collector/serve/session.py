@@ -23,7 +23,6 @@ import aiofiles
 import asyncssh
 
 from collector.report.outcomes import FanOut, Outcome
-from collector.serve.ingest_check import IngestVerifier
 from collector.store.files import Store, StoredBackup, Upload
 from common.errors import (
     BackhaulError,
@@ -49,6 +48,7 @@ from common.events import (
     encode_payload,
 )
 from common.frames import MAX_CONTROL_PAYLOAD, encode_frame
+from common.integrity import DEFAULT_MAX_RATIO, IntegrityChecker
 from common.naming import check_database_name, extension_for
 from common.protocol import SUBSYSTEM, Closed, Connection, Role, State
 from common.text import escape_control
@@ -74,7 +74,7 @@ class SessionContext:
     min_upload_rate_window: float = 60.0
     clock_skew: float = 600.0
     max_backup_bytes: int | None = None
-    max_expansion: int = 100_000
+    max_expansion: int = DEFAULT_MAX_RATIO
     allowed: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
     agent_max_bytes: dict[str, int | None] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -518,7 +518,7 @@ class _Upload:
         self.backup_id = secrets.token_hex(6)
         self.started_monotonic = time.monotonic()
         self.upload: Upload | None = None
-        self.verifier: IngestVerifier | None = None
+        self.verifier: IntegrityChecker | None = None
 
     def _label(self) -> str:
         return f"{self.session.agent}/{escape_control(self.begin.database)} [{self.backup_id}]"
@@ -606,7 +606,7 @@ class _Upload:
         self.upload = await asyncio.to_thread(
             self.ctx.store.begin, self.session.agent, self.begin.database, ext
         )
-        self.verifier = IngestVerifier(fmt, self.begin.compression, self.ctx.max_expansion)
+        self.verifier = IntegrityChecker(fmt, self.begin.compression, self.ctx.max_expansion)
         log.info("receiving %s from %s (%s, started %s)", self._label(), self.session.peer, ext,
                  escape_control(self.begin.started_at))
         self.session.start_rate_floor()

@@ -1,10 +1,10 @@
 """What the store holds and whether it is still intact: the backups found in it and their
 re-verification against their manifests.
 
-Re-verification reads every selected backup to its end: byte count and SHA-256 against the
-manifest, the compression stream decoded to its end, and the dump format's completeness
-mark (the checks of ingest, in :mod:`collector.serve.ingest_check`). A data file whose manifest is
-missing or unreadable is a mismatch too: without it nothing can be proven.
+Re-verification reads every selected backup to its end through the checker ingest uses
+(:mod:`common.integrity`): byte count and SHA-256 against the manifest, the compression
+stream decoded to its end, and the dump format's completeness mark. A data file whose
+manifest is missing or unreadable is a mismatch too: without it nothing can be proven.
 
 A verify run records its mismatches in the status file of :mod:`collector.store.verify_status`,
 through which the serving collector learns of bit rot.
@@ -12,7 +12,7 @@ through which the serving collector learns of bit rot.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import os
 import secrets
@@ -23,11 +23,11 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from collector.serve.ingest_check import FORMAT_CHECKS
 from collector.store.files import check_agent_name, iter_backups
-from collector.store.verify_status import record
-from common.compression import StreamChecker
+from collector.store.verify_status import Finding, RunRecord, Scope, record
+from common.compression import KINDS
 from common.errors import IntegrityError, StorageError
+from common.integrity import FORMAT_CHECKS, IntegrityChecker
 from common.naming import MANIFEST_SUFFIX, decode_database, encode_database, parse_backup_name
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ class Entry:
     def manifest_sha256(self) -> str:
         value = self.manifest.get("sha256") if self.manifest is not None else None
         return value if isinstance(value, str) else ""
+
+
+def entry_key(entry: Entry) -> tuple[str, str, str, str]:
+    """The key of ``entry`` in :meth:`~collector.store.verify_status.VerifyStatus.mismatched`."""
+    return entry.agent, entry.database, entry.name, entry.manifest_sha256
 
 
 def scan(root: Path, agent: str | None = None, database: str | None = None) -> list[Entry]:
@@ -138,17 +143,14 @@ def check_backup(entry: Entry, max_ratio: int | None = None) -> Check:
         if not entry.path.exists():
             return Check(entry, GONE)
         return Check(entry, MISMATCH, ("manifest missing or unreadable",))
-    expected_size, expected_sha = entry.manifest.get("size"), entry.manifest.get("sha256")
-    reasons: list[str] = []
-    stream = _StreamCheck(entry.manifest, max_ratio)
-    sha = hashlib.sha256()
-    size = 0
+    checker = _checker_for(entry.manifest, max_ratio)
     try:
         with open(entry.path, "rb") as handle:
             while chunk := handle.read(READ_CHUNK):
-                sha.update(chunk)
-                size += len(chunk)
-                stream.feed(chunk)
+                # A problem in the content is kept by the checker; reading on still
+                # gives the size and SHA-256 to report beside it.
+                with contextlib.suppress(IntegrityError):
+                    checker.feed(chunk)
     except FileNotFoundError:
         if _manifest_follows(entry):
             return Check(entry, GONE)
@@ -157,18 +159,17 @@ def check_backup(entry: Entry, max_ratio: int | None = None) -> Check:
         raise StorageError(f"cannot read {entry.path}: {exc.strerror}") from None
     except OSError as exc:
         return Check(entry, MISMATCH, (f"read error: {exc.strerror or exc}",))
-    if not isinstance(expected_size, int) or isinstance(expected_size, bool):
-        reasons.append("manifest has no size")
-    elif size != expected_size:
-        reasons.append(f"size is {size} bytes, manifest says {expected_size}")
-    if not isinstance(expected_sha, str):
-        reasons.append("manifest has no SHA-256")
-    elif sha.hexdigest() != expected_sha:
-        reasons.append(
-            f"SHA-256 is {sha.hexdigest()[:16]}..., manifest says {expected_sha[:16]}..."
-        )
-    reasons.extend(stream.finish())
+    reasons = checker.audit(entry.manifest.get("size"), entry.manifest.get("sha256"))
     return Check(entry, MISMATCH if reasons else OK, tuple(reasons))
+
+
+def _checker_for(manifest: Mapping[str, Any], max_ratio: int | None) -> IntegrityChecker:
+    fmt, compression = manifest.get("format"), manifest.get("compression")
+    if not isinstance(fmt, str) or fmt not in FORMAT_CHECKS:
+        return IntegrityChecker.refusing(f"manifest names an unknown format {fmt!r}")
+    if compression not in KINDS:
+        return IntegrityChecker.refusing(f"manifest names an unknown compression {compression!r}")
+    return IntegrityChecker(fmt, compression, max_ratio)
 
 
 def _manifest_follows(entry: Entry, wait: float = 1.0) -> bool:
@@ -180,58 +181,6 @@ def _manifest_follows(entry: Entry, wait: float = 1.0) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-class _StreamCheck:
-    """Decodes the compression stream and runs the format check; keeps the first problem."""
-
-    def __init__(self, manifest: Mapping[str, Any], max_ratio: int | None) -> None:
-        self.problem: str | None = None
-        self._checker: StreamChecker | None = None
-        compression, fmt = manifest.get("compression"), manifest.get("format")
-        make_format = FORMAT_CHECKS.get(fmt) if isinstance(fmt, str) else None
-        if make_format is None:
-            self.problem = f"manifest names an unknown format {fmt!r}"
-            return
-        self._format = make_format()
-        try:
-            self._checker = StreamChecker(
-                str(compression), sink=self._format.feed, max_ratio=max_ratio
-            )
-        except ValueError:
-            self.problem = f"manifest names an unknown compression {compression!r}"
-
-    def feed(self, chunk: bytes) -> None:
-        if self._checker is None or self.problem is not None:
-            return
-        try:
-            self._checker.feed(chunk)
-        except IntegrityError as exc:
-            self.problem = str(exc)
-
-    def finish(self) -> list[str]:
-        if self._checker is not None and self.problem is None:
-            try:
-                self._checker.finish()
-                if self._checker.output_bytes == 0:
-                    raise IntegrityError("backup is empty once decompressed")
-                self._format.finish(self._checker.tail)
-            except IntegrityError as exc:
-                self.problem = str(exc)
-        return [] if self.problem is None else [self.problem]
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What one verify run covers: everything, one agent, or one database of one agent."""
-
-    agent: str | None = None
-    database: str | None = None
-
-    def covers(self, agent: str, database: str) -> bool:
-        if self.agent is not None and agent != self.agent:
-            return False
-        return self.database is None or database == self.database
 
 
 @dataclass(frozen=True)
@@ -277,7 +226,7 @@ def verify_store(
             progress(check)
     run = VerifyRun(run_id, checks)
     if root.is_dir():
-        record(root, scope, run, started)
+        record(root, _run_record(run, scope, started))
     log.info(
         "verify run %s: %d backup(s) checked, %d mismatch(es)",
         run_id,
@@ -285,3 +234,12 @@ def verify_store(
         len(run.mismatches),
     )
     return run
+
+
+def _run_record(run: VerifyRun, scope: Scope, started: datetime) -> RunRecord:
+    finished = datetime.now(UTC)
+    findings = [
+        Finding(run.run_id, finished.isoformat(), *entry_key(c.entry), "; ".join(c.reasons))
+        for c in run.mismatches
+    ]
+    return RunRecord(run.run_id, scope, started, finished, len(run.checks), findings)

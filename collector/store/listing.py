@@ -11,8 +11,8 @@ import contextlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime, tzinfo
 
-from collector.store.inventory import GONE, MISMATCH, Check, Entry
-from collector.store.verify_status import VerifyStatus, entry_key
+from collector.store.inventory import GONE, MISMATCH, Check, Entry, entry_key
+from collector.store.verify_status import VerifyStatus
 from common.text import escape_control, human_bytes
 
 LIST_HEADERS = ("AGENT", "DATABASE", "NAME", "SIZE", "STARTED", "VERIFIED")

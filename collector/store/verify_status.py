@@ -20,7 +20,9 @@ the step, even on the first scrape after a restart, when a counter that appeared
 raised would look as if it had never moved.
 
 A run over part of the store (``--agent``, ``--database``) replaces the findings within
-its scope and keeps the others.
+its scope and keeps the others. A run arrives here as a :class:`RunRecord` of plain
+findings, so this module needs nothing of :mod:`collector.store.inventory`, which writes
+through it.
 
 Writers of the status file are serialised by :func:`common.fsutil.file_lock` on
 ``<root>/.verify-status.lock``.
@@ -36,9 +38,9 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
@@ -46,10 +48,6 @@ from collector.store.files import check_agent_name
 from common.errors import ConfigError, StorageError
 from common.fsutil import file_lock, fsync_dir, give_to_folder_owner
 from common.naming import encode_database, parse_backup_name
-
-if TYPE_CHECKING:
-    # Annotations only: inventory records its runs through this module.
-    from collector.store.inventory import Entry, Scope, VerifyRun
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +82,29 @@ class VerifyStatus:
         return {(f.agent, f.database, f.name, f.sha256) for f in self.findings}
 
 
-def entry_key(entry: Entry) -> tuple[str, str, str, str]:
-    """The key of ``entry`` in :meth:`VerifyStatus.mismatched`."""
-    return entry.agent, entry.database, entry.name, entry.manifest_sha256
+@dataclass(frozen=True)
+class Scope:
+    """What one verify run covers: everything, one agent, or one database of one agent."""
+
+    agent: str | None = None
+    database: str | None = None
+
+    def covers(self, agent: str, database: str) -> bool:
+        if self.agent is not None and agent != self.agent:
+            return False
+        return self.database is None or database == self.database
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One verify run as the status file keeps it."""
+
+    run_id: str
+    scope: Scope
+    started: datetime
+    finished: datetime
+    checked: int
+    findings: list[Finding]
 
 
 def load_status(root: Path) -> VerifyStatus | None:
@@ -138,47 +156,34 @@ def _finding(item: object) -> Finding:
     return finding
 
 
-def record(root: Path, scope: Scope, run: VerifyRun, started: datetime) -> None:
-    """Merge the findings of ``run`` into the status file, replacing those within ``scope``.
+def record(root: Path, run: RunRecord) -> None:
+    """Merge the findings of ``run`` into the status file, replacing those within its scope.
 
     Raises:
         StorageError: the status file or its lock cannot be written.
     """
     with file_lock(root, STATUS_LOCK):  # two runs of different scopes must not lose findings
-        _merge_status(root, scope, run, started)
+        _merge_status(root, run)
 
 
-def _merge_status(root: Path, scope: Scope, run: VerifyRun, started: datetime) -> None:
+def _merge_status(root: Path, run: RunRecord) -> None:
     previous = load_status_or_warn(root)
     kept = (
-        [f for f in previous.findings if not scope.covers(f.agent, f.database)]
+        [f for f in previous.findings if not run.scope.covers(f.agent, f.database)]
         if previous is not None
         else []
     )
-    now = datetime.now(UTC).isoformat()
-    new = [
-        Finding(
-            run.run_id,
-            now,
-            c.entry.agent,
-            c.entry.database,
-            c.entry.name,
-            c.entry.manifest_sha256,
-            "; ".join(c.reasons),
-        )
-        for c in run.mismatches
-    ]
     status = {
         "version": STATUS_VERSION,
         "last_run": {
             "id": run.run_id,
-            "started_at": started.isoformat(),
-            "finished_at": now,
-            "scope": asdict(scope),
-            "checked": len(run.checks),
-            "mismatched": len(new),
+            "started_at": run.started.isoformat(),
+            "finished_at": run.finished.isoformat(),
+            "scope": asdict(run.scope),
+            "checked": run.checked,
+            "mismatched": len(run.findings),
         },
-        "mismatches": [asdict(f) for f in [*kept, *new]],
+        "mismatches": [asdict(f) for f in [*kept, *run.findings]],
     }
     _write_atomically(root, STATUS_FILE, json.dumps(status, indent=2).encode())
 

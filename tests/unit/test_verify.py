@@ -7,9 +7,10 @@ import hashlib
 
 import pytest
 
-from collector.serve.ingest_check import IngestVerifier, SqlCheck
 from common.compression import TAIL_BYTES, make_compressor
 from common.errors import IntegrityError
+from common.integrity import IntegrityChecker as IngestVerifier
+from common.integrity import SqlCheck
 
 TRAILER = b"-- Dump completed on 2026-11-26 10:00:00\n"
 HEADER = (
