@@ -18,11 +18,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import sample_data
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mariadb_server import MariaDBServer
 
 from agent.engines.mysql_dump import (
     MySQLDump,
@@ -37,6 +35,9 @@ from agent.engines.mysql_inspect import MySQLParams, table_checksums
 from agent.stream.compress_thread import CHUNK, DEPTH, pump
 from common.compression import make_compressor
 from common.errors import DumpError
+from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.sample_data import create_sample_databases, generate_bulk
+from tests.integration.sample_data import table_checksums as checksum_table
 from tests.waiting import parked, wait_for
 
 pytestmark = pytest.mark.integration
@@ -50,10 +51,10 @@ DASH_DB = "-dash-db"
 
 @pytest.fixture(scope="module")
 def server(mariadb: MariaDBServer) -> MariaDBServer:
-    sample_data.create_sample_databases(mariadb)
+    create_sample_databases(mariadb)
     # Larger than what the pump and the pipes hold while a link holds a send (about
     # 7.5 MB), so a held dump tool is still running.
-    sample_data.generate_bulk(mariadb, BULK_DB, 16_000_000)
+    generate_bulk(mariadb, BULK_DB, 16_000_000)
     mariadb.create_database(DASH_DB)
     mariadb.execute("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(10))", DASH_DB)
     mariadb.execute("INSERT INTO t VALUES (1, 'dash-ok')", DASH_DB)
@@ -240,8 +241,8 @@ async def test_dump_restores_into_another_database_with_identical_checksums(
     assert b"CREATE DATABASE" not in data
     assert not any(line.startswith(b"USE ") for line in data.splitlines())
     restore(server, "tricky_restored", data)
-    assert sample_data.table_checksums(server, "tricky_restored") == (
-        sample_data.table_checksums(server, "tricky")
+    assert checksum_table(server, "tricky_restored") == (
+        checksum_table(server, "tricky")
     )
     assert table_checksums(root_params(server), "tricky_restored") == (
         table_checksums(root_params(server), "tricky")
@@ -260,8 +261,8 @@ async def test_dump_of_hyphenated_database_with_myisam_table_restores(
 ) -> None:
     data = await dump_bytes(backup_params(server, via_socket=True), "my-db")
     restore(server, "my-db-restored", data)
-    assert sample_data.table_checksums(server, "my-db-restored") == (
-        sample_data.table_checksums(server, "my-db")
+    assert checksum_table(server, "my-db-restored") == (
+        checksum_table(server, "my-db")
     )
 
 
@@ -456,7 +457,7 @@ async def test_dump_tool_killed_by_a_signal_is_a_dump_error(server: MariaDBServe
 
 
 async def test_server_killed_mid_dump_is_a_dump_error(mariadb_fresh: MariaDBServer) -> None:
-    sample_data.generate_bulk(mariadb_fresh, "big", 24_000_000)
+    generate_bulk(mariadb_fresh, "big", 24_000_000)
     params = root_params(mariadb_fresh)
     link = Link()
 
