@@ -300,7 +300,7 @@ def test_reader_waits_for_the_pipe_to_fill_after_a_short_read(pipe: Pipe) -> Non
     os.write(pipe.write_fd, pieces[0])
     waits: list[float] = []
 
-    def sleep(seconds: float) -> None:
+    def pause(seconds: float) -> None:
         # Each pause lets the "dump tool" write one more 4 KiB piece, then it ends.
         waits.append(seconds)
         if len(waits) < len(pieces):
@@ -309,7 +309,7 @@ def test_reader_waits_for_the_pipe_to_fill_after_a_short_read(pipe: Pipe) -> Non
             pipe.close(pipe.write_fd)
 
     buffer = memoryview(bytearray(CHUNK))
-    count, ended = PipeReader(pipe.read_fd, pause=sleep).readinto(buffer)
+    count, ended = PipeReader(pipe.read_fd, pause=pause).readinto(buffer)
     assert (count, ended) == (sum(map(len, pieces)), True)
     assert bytes(buffer[:count]) == b"".join(pieces)
     assert waits == [GULP_WAIT] * len(pieces)
