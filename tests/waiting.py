@@ -11,23 +11,14 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-import time
 from collections.abc import Callable
 
-POLL = 0.01  # seconds between two looks at a condition
-
-
-def wait_until(check: Callable[[], object], what: str, timeout: float = 30) -> None:
-    """Block until ``check()`` is truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(POLL)
+POLL = 0.05  # seconds between two looks at a condition
 
 
 async def wait_for(check: Callable[[], object], what: str, timeout: float = 60) -> None:
-    """:func:`wait_until` for a coroutine: the event loop runs on while it waits."""
+    """Return once ``check()`` is truthy, the event loop running on meanwhile; fail
+    naming ``what`` after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not check():
