@@ -84,7 +84,6 @@ from _common import (
     wait_no_children,
 )
 
-INTEGRATION = REPO / "tests" / "integration"
 AGENT_NAME = "bench"
 SOURCE_NAME = "main"
 SBIN_PATH = os.pathsep.join(
@@ -119,10 +118,9 @@ def method_label(method: str, variant: list[str]) -> str:
 
 def load_helpers() -> tuple[ModuleType, ModuleType, ModuleType]:
     """The integration-test helpers: harness, mariadb_server, sample_data."""
-    sys.path.insert(0, str(INTEGRATION))
-    import harness
-    import mariadb_server
-    import sample_data
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.integration import harness, mariadb_server, sample_data
 
     return harness, mariadb_server, sample_data
 

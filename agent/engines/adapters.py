@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from agent.stream.pipe import PipeReader
 
 log = logging.getLogger(__name__)
-DUMP_CHUNK = 1024 * 1024
 CHECKSUMS_BUDGET = 20_000  # JSON bytes; END's metadata is capped at 32 KiB in all
 
 
@@ -131,7 +130,7 @@ class MySQLAdapter:
     def dump(self, database: str) -> AbstractAsyncContextManager[DumpStream]:
         from agent.engines.mysql_dump import MySQLDump
 
-        return _BinlogWatch(MySQLDump(self.params, database, chunk_size=DUMP_CHUNK),
+        return _BinlogWatch(MySQLDump(self.params, database),
                             self.params, self._binlog_before.pop(database, None))
 
     def dump_metadata(self, stream: DumpStream) -> dict[str, Any]:

@@ -8,16 +8,15 @@ The dump is a single-transaction snapshot of the named database without
 ``CREATE DATABASE``/``USE``, so it restores into any name::
 
     async with MySQLDump(params, "hospital") as dump:
-        async for chunk in dump:
-            ...
+        result = await pump(dump, compressor, send)
 
 Reading is pull-based: when the consumer is slow the pipe fills and the dump tool
-blocks, which is the back-pressure. stdout is a plain pipe read in worker threads,
+blocks, which is the back-pressure. stdout is a plain pipe read in a worker thread,
 never by the event loop, and the tool writes it 256 KiB at a time
 (:func:`buffered_command`): the agent's pump (:mod:`agent.stream.compress_thread`) reads
 it, compresses and hashes in one thread through :meth:`MySQLDump.pipe_reader`,
-:meth:`~MySQLDump.note_read` and :meth:`~MySQLDump.finish`. Only :meth:`finish` (which
-iterating to the end calls) checks the exit status.
+:meth:`~MySQLDump.note_read` and :meth:`~MySQLDump.finish`. Only :meth:`finish` checks
+the exit status.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from agent.engines.mysql_inspect import MySQLParams
-from agent.stream.pipe import PipeReader, PipeStopped, widen
+from agent.stream.pipe import PipeReader, widen
 from common.credentials import scrub
 from common.errors import DumpError
 
@@ -43,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 DUMP_TOOLS = ("mariadb-dump", "mysqldump")
 CLIENT_TOOLS = ("mariadb", "mysql")
-DEFAULT_CHUNK_SIZE = 256 * 1024
 STDERR_LIMIT = 64 * 1024
 _STDERR_LINES_IN_MESSAGE = 3
 _REAP_TIMEOUT = 10.0
@@ -206,11 +204,12 @@ def _minimal_env() -> dict[str, str]:
 
 
 class MySQLDump:
-    """One running dump of one database; an async context manager and async iterator.
+    """One running dump of one database, an async context manager read through
+    :meth:`pipe_reader` (by the pump).
 
-    ``bytes_read`` counts the bytes handed to the consumer so far. Leaving the context
-    before the end (an error, ``break``, cancellation) kills and reaps the process.
-    Iterating to the end raises DumpError if the tool failed.
+    ``bytes_read`` counts the bytes the consumer has read so far. Leaving the context
+    before the end (an error, cancellation) kills and reaps the process. :meth:`finish`
+    raises DumpError if the tool failed.
     """
 
     def __init__(
@@ -218,14 +217,10 @@ class MySQLDump:
         params: MySQLParams,
         database: str,
         *,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
         tool: str | None = None,
     ) -> None:
-        if chunk_size <= 0:
-            raise ValueError("chunk_size must be positive")
         self.params = params
         self.database = database
-        self.chunk_size = chunk_size
         self.bytes_read = 0
         self._tool = tool
         self._option_file: contextlib.ExitStack | None = None
@@ -234,7 +229,6 @@ class MySQLDump:
         self._stderr = bytearray()
         self._stderr_task: asyncio.Task[None] | None = None
         self._stdout: PipeReader | None = None
-        self._reading: asyncio.Future[bytes] | None = None
         self._finished = False
 
     def __repr__(self) -> str:
@@ -311,7 +305,7 @@ class MySQLDump:
                     logger.debug("killed %s for database %r early", self._tool, self.database)
                 await self._reap()
         finally:
-            await self._close_stdout()
+            self._close_stdout()
 
     def pipe_reader(self) -> PipeReader:
         """The reader of the tool's stdout, for one worker thread at a time.
@@ -331,34 +325,6 @@ class MySQLDump:
             # so even a crash of this process later leaves no credentials behind.
             self._remove_option_file()
         self.bytes_read += count
-
-    def __aiter__(self) -> MySQLDump:
-        return self
-
-    async def __anext__(self) -> bytes:
-        reader = self.pipe_reader()
-        if self._finished:
-            raise StopAsyncIteration
-        # Shielded: a cancelled wait (a stall timeout) leaves the read running, and
-        # leaving the context waits for it before the descriptor is closed.
-        self._reading = asyncio.ensure_future(asyncio.to_thread(self._read_chunk, reader))
-        chunk = await asyncio.shield(self._reading)
-        if chunk:
-            self.note_read(len(chunk))
-            return chunk
-        await self.finish()
-        raise StopAsyncIteration
-
-    def _read_chunk(self, reader: PipeReader) -> bytes:
-        buffer = bytearray(self.chunk_size)
-        try:
-            count, _ = reader.readinto(memoryview(buffer))
-        except PipeStopped:
-            return b""
-        except OSError as exc:
-            raise DumpError(f"reading the output of {self._tool} failed: {exc}") from exc
-        del buffer[count:]
-        return bytes(buffer)
 
     async def _collect_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
@@ -399,25 +365,17 @@ class MySQLDump:
             if self._stderr_task is not None and not self._stderr_task.done():
                 self._stderr_task.cancel()
 
-    async def _close_stdout(self) -> None:
-        """Stop any reader still in a worker thread, then close the pipe."""
+    def _close_stdout(self) -> None:
+        """Stop the reader, then close the pipe.
+
+        Its reader has stopped reading by now (the pump waits for its thread on every
+        way out); stopping it again makes sure no later read touches a closed descriptor.
+        """
         if self._stdout is None:
             return
         reader, self._stdout = self._stdout, None
         reader.stop()
-        reading = self._reading
-        if reading is None or reading.done():
-            os.close(reader.fd)
-            return
-
-        def close(done: asyncio.Future[bytes]) -> None:
-            if not done.cancelled():
-                done.exception()  # retrieved: it was reported, or nobody wants it now
-            os.close(reader.fd)
-
-        reading.add_done_callback(close)  # even if we are cancelled while waiting
-        with contextlib.suppress(Exception):
-            await asyncio.shield(reading)  # ends within POLL_INTERVAL of stop()
+        os.close(reader.fd)
 
     def _failure(self, returncode: int) -> DumpError:
         name = Path(self._tool or "dump tool").name

@@ -15,6 +15,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 
 POLL_INTERVAL = 0.1  # seconds a stopped reader may take to notice
 PIPE_SIZE = 1024 * 1024  # the dump tool may run this far ahead of the reader
@@ -37,10 +38,15 @@ def widen(fd: int) -> None:
 
 
 class PipeReader:
-    """Fills buffers from the read end ``fd`` of a pipe; used from one thread at a time."""
+    """Fills buffers from the read end ``fd`` of a pipe; used from one thread at a time.
 
-    def __init__(self, fd: int) -> None:
+    ``pause`` is how the reader lets the pipe fill (:func:`time.sleep`); a test gives
+    its own to play the writer between reads.
+    """
+
+    def __init__(self, fd: int, *, pause: Callable[[float], None] = time.sleep) -> None:
         self.fd = fd
+        self._pause = pause
         self.stopped = threading.Event()
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -81,5 +87,5 @@ class PipeReader:
                 # write. 85,000 reads per GB became a few thousand, and the dump tool's
                 # writes stop waking us: 0.3 CPU-s less here and 0.2 s less in the tool
                 # per GB.
-                time.sleep(GULP_WAIT)
+                self._pause(GULP_WAIT)
         return got, False

@@ -1,18 +1,16 @@
 """Helpers for the service, restore and drill tests: the agent's commands as real processes,
-waiting on conditions instead of sleeping, a bandwidth-limiting proxy, and the store."""
+a bandwidth-limiting proxy, and the store."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import signal
-import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import LoopbackProxy, agent_env
+from tests.integration.harness import LoopbackProxy, agent_env
 
 
 async def start_service(config: Path, output: Path, *args: str) -> asyncio.subprocess.Process:
@@ -51,28 +49,11 @@ async def wait_service(proc: asyncio.subprocess.Process, timeout: float = 60) ->
         raise
 
 
-async def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def password_file(folder: Path, password: str) -> Path:
     path = folder / "mysql.pass"
     path.write_text(password + "\n")
     path.chmod(0o600)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def backups(store: Path, agent: str, database: str) -> list[Path]:

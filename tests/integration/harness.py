@@ -234,5 +234,14 @@ def final_files(store: Path) -> list[Path]:
     return [p for p in stored_files(store) if not p.name.startswith(".tmp-")]
 
 
+def upload_under_way(store: Path, minimum: int) -> bool:
+    """Whether an upload temporary under ``store`` has reached ``minimum`` bytes."""
+    for temp in store.rglob(".tmp-*"):
+        with contextlib.suppress(FileNotFoundError):  # published or discarded meanwhile
+            if temp.stat().st_size >= minimum:
+                return True
+    return False
+
+
 def log_text(folder: Path) -> str:
     return "".join(p.read_text() for p in sorted(folder.glob("*.log")))

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ from types import TracebackType
 from typing import Any
 
 import pymysql
+
+from tests.integration.loopback import free_port
 
 _STARTUP_TIMEOUT = 60.0
 _STOP_TIMEOUT = 30.0
@@ -61,13 +62,6 @@ def find_server_binaries() -> tuple[str, str]:
             "or in /usr/sbin); install the mariadb-server package"
         )
     return server, install
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _base_tempdir() -> str:
@@ -127,7 +121,7 @@ class MariaDBServer:
         keep_port = self.port != 0
         for attempt in range(_PORT_ATTEMPTS):
             if not keep_port or attempt > 0:
-                self.port = _free_port()
+                self.port = free_port()
             try:
                 self._launch()
                 return

@@ -13,7 +13,7 @@ import contextlib
 import os
 from typing import Any
 
-from mariadb_server import MariaDBServer, quote_identifier
+from tests.integration.mariadb_server import MariaDBServer, quote_identifier
 
 TRICKY_DB = "tricky"
 HYPHEN_DB = "my-db"

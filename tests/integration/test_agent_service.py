@@ -13,17 +13,25 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_ops import (
+
+from tests.integration.agent_ops import (
     ThrottlingProxy,
     backups,
     password_file,
     start_service,
     stop_service,
-    wait_for,
     wait_service,
 )
-from harness import Deployment, log_text, mysql_source, run_cli, running_collector, stored_files
-from mariadb_server import MariaDBServer
+from tests.integration.harness import (
+    Deployment,
+    log_text,
+    mysql_source,
+    run_cli,
+    running_collector,
+    stored_files,
+)
+from tests.integration.mariadb_server import MariaDBServer
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +39,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def bulky(mariadb: MariaDBServer) -> str:
     """A database whose compressed dump takes many seconds through a slow link."""
-    from sample_data import generate_bulk
+    from tests.integration.sample_data import generate_bulk
 
     generate_bulk(mariadb, "bulky", 60 * 1024 * 1024)
     return "bulky"

@@ -29,7 +29,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from harness import (
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.config import CollectorEndpoint
+from agent.link.retry import RetryPolicy
+from tests.integration.harness import (
     Deployment,
     final_files,
     log_text,
@@ -38,11 +42,8 @@ from harness import (
     running_collector,
     stored_files,
 )
-from mariadb_server import MariaDBServer
-from prometheus_client.parser import text_string_to_metric_families
-
-from agent.config import CollectorEndpoint
-from agent.link.retry import RetryPolicy
+from tests.integration.loopback import free_port
+from tests.integration.mariadb_server import MariaDBServer
 
 pytestmark = pytest.mark.integration
 
@@ -60,13 +61,6 @@ RETRY = RetryPolicy(retries=2, backoff=0.5) if RETRY_CONFIGURABLE else RetryPoli
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def tool(name: str) -> str:

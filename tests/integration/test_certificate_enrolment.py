@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import Deployment, mysql_source, run_agent, running_collector
-from mariadb_server import MariaDBServer
-from sample_data import create_sample_databases
+
+from tests.integration.harness import Deployment, mysql_source, run_agent, running_collector
+from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.sample_data import create_sample_databases
 
 pytestmark = pytest.mark.integration
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from agent_ops import password_file
-from harness import (
+
+from tests.integration.agent_ops import password_file
+from tests.integration.harness import (
     Deployment,
     LoopbackProxy,
     final_files,
@@ -26,9 +28,11 @@ from harness import (
     running_collector,
     ssh_keygen,
     stored_files,
+    upload_under_way,
 )
-from mariadb_server import MariaDBServer
-from sample_data import object_counts, table_checksums
+from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.sample_data import object_counts, table_checksums
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -191,7 +195,7 @@ async def test_unknown_agent_key_is_refused(
 @pytest.fixture(scope="module")
 def bulky(mariadb: MariaDBServer) -> str:
     """A database whose compressed dump is several MiB, for mid-stream failures."""
-    from sample_data import generate_bulk
+    from tests.integration.sample_data import generate_bulk
 
     generate_bulk(mariadb, "bulky", 60 * 1024 * 1024)
     return "bulky"
@@ -233,24 +237,11 @@ async def test_full_disk_on_the_collector_rejects_and_leaves_nothing(
     assert "disk full" in log_text(deployment.collector_logs)
 
 
-async def _wait_for_temp(store: Path, timeout: float = 60) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if any(
-            p.name.startswith(".tmp-") and p.stat().st_size > 256 * 1024
-            for p in store.rglob(".tmp-*")
-        ):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the backup never started streaming")
-
-
 async def test_database_killed_mid_dump_leaves_nothing(
     mariadb_fresh: MariaDBServer, deployment: Deployment, tmp_path: Path
 ) -> None:
     """The server dies during the dump: ABORT, exit 5, nothing kept on either side."""
-    from sample_data import generate_bulk
+    from tests.integration.sample_data import generate_bulk
 
     generate_bulk(mariadb_fresh, "victim", 150 * 1024 * 1024)
     pw = password_file(tmp_path, mariadb_fresh.root_password)
@@ -259,7 +250,8 @@ async def test_database_killed_mid_dump_leaves_nothing(
             "db1", port, mysql_source(mariadb_fresh.port, '["victim"]', password_file=pw)
         )
         agent = asyncio.create_task(run_agent(config))
-        await _wait_for_temp(deployment.store)
+        await wait_for(lambda: upload_under_way(deployment.store, 256 * 1024),
+                       "the backup to start streaming")
         mariadb_fresh.kill()
         run = await agent
     assert run.returncode == 5, run.stdout + run.stderr
@@ -307,6 +299,8 @@ class HoldingProxy(LoopbackProxy):
         self.released_at: list[datetime] = []
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The hold is what these tests are about (a collector slow to answer), so it is
+        # timed; meanwhile the proxy looks for the dump every 10 ms.
         deadline = asyncio.get_running_loop().time() + self.hold
         seen = False
         while asyncio.get_running_loop().time() < deadline:
@@ -407,9 +401,13 @@ async def test_connection_cut_mid_stream_leaves_nothing(
                 "db1", proxy.port, mysql_source(mariadb.port, '["bulky"]', password_file=pw)
             )
             run = await run_agent(config)
-        await asyncio.sleep(0.5)  # let the collector notice the dead connection
+        # The collector may learn of the cut after the agent has given up.
+        await wait_for(
+            lambda: re.search(r"backup db1/bulky \[\S+\] from \S+ failed \(",
+                              log_text(deployment.collector_logs)),
+            "the collector to fail the cut upload",
+        )
     assert run.returncode == 4, run.stdout + run.stderr
     no_traceback(run.stderr)
     assert "FAILED  main/bulky" in run.stderr
     assert stored_files(deployment.store) == []
-    assert "bulky" in log_text(deployment.collector_logs)

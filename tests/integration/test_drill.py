@@ -11,10 +11,18 @@ from typing import Any
 import aiohttp
 import pymongo
 import pytest
-from agent_ops import backups, free_port, manifest_of, password_file, write_manifest
-from harness import Deployment, log_text, mysql_source, run_agent, run_cli, running_collector
-from mariadb_server import MariaDBServer
 
+from tests.integration.agent_ops import backups, manifest_of, password_file, write_manifest
+from tests.integration.harness import (
+    Deployment,
+    log_text,
+    mysql_source,
+    run_agent,
+    run_cli,
+    running_collector,
+)
+from tests.integration.loopback import free_port
+from tests.integration.mariadb_server import MariaDBServer
 from tests.integration.mongo_server import NxServer
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import ssh_keygen
+
+from tests.integration.harness import ssh_keygen
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"

@@ -29,7 +29,6 @@ import asyncssh
 import pytest
 import zstandard
 from asyncssh.packet import String
-from harness import Deployment, log_text, stored_files
 
 from agent.config import load_agent_config
 from agent.link.connection import Channel, CollectorClient
@@ -67,6 +66,7 @@ from common.logsetup import setup_logging
 from common.naming import encode_database
 from common.protocol import SUBSYSTEM
 from common.revocation import RevocationEntry
+from tests.integration.harness import Deployment, log_text, stored_files
 
 pytestmark = pytest.mark.integration
 

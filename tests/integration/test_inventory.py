@@ -14,13 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from harness import log_text
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_prune import Site, Stored, run_collector
 
 from collector.report.metrics import CollectorMetrics, serve_metrics
 from collector.store.verify_status import STATUS_FILE, VerifyStatusReader
+from tests.integration.harness import log_text
 
 pytestmark = pytest.mark.integration
 

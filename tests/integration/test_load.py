@@ -24,7 +24,6 @@ from typing import Any
 import asyncssh
 import pytest
 import zstandard
-from harness import Deployment, log_text, stored_files
 
 from agent.config import load_agent_config
 from agent.link.connection import CollectorClient
@@ -34,6 +33,7 @@ from collector.serve.server import CollectorServer, make_context
 from common.events import Begin, Data, End, Stored
 from common.logsetup import setup_logging
 from common.naming import encode_database
+from tests.integration.harness import Deployment, log_text, stored_files
 
 pytestmark = pytest.mark.integration
 

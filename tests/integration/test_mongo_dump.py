@@ -29,7 +29,8 @@ from agent.engines.mongo_dump import (
 from agent.restore.mongo_loader import restore_archive
 from common.errors import ConfigError, DumpError, IntegrityError
 from common.mongo_archive import ArchiveReader, Prelude, verify_archive
-from tests.integration.mongo_server import NxServer, free_port
+from tests.integration.loopback import free_port
+from tests.integration.mongo_server import NxServer
 
 pytestmark = pytest.mark.integration
 

@@ -47,8 +47,11 @@ from tests.integration.harness import (
     run_agent,
     running_collector,
     stored_files,
+    upload_under_way,
 )
-from tests.integration.mongo_server import NxServer, free_port
+from tests.integration.loopback import free_port
+from tests.integration.mongo_server import NxServer
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -297,20 +300,6 @@ async def test_refused_login_reports_without_showing_the_password(
         assert canary not in text
 
 
-async def _wait_for_temp(store: Path, minimum: int, timeout: float = 60) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        for temp in store.rglob(".tmp-*"):
-            try:
-                if temp.stat().st_size >= minimum:
-                    return
-            except FileNotFoundError:
-                continue
-        await asyncio.sleep(0.01)
-    raise AssertionError("the backup never started streaming")
-
-
 async def test_server_killed_mid_dump_aborts_and_leaves_nothing(
     private_nx_server: NxServer, deployment: Deployment
 ) -> None:
@@ -332,7 +321,8 @@ async def test_server_killed_mid_dump_aborts_and_leaves_nothing(
             "db1", port, mongo_source(private_nx_server.uri, '["victim"]')
         )
         agent = asyncio.create_task(run_agent(config))
-        await _wait_for_temp(deployment.store, 512 * 1024)
+        await wait_for(lambda: upload_under_way(deployment.store, 512 * 1024),
+                       "the backup to start streaming")
         private_nx_server.kill()
         run = await agent
     assert run.returncode == 5, run.stdout + run.stderr

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import re
-import socket
 import ssl
 
 import pytest
-import sample_data
-from mariadb_server import MariaDBServer
 
 from agent.engines.mysql_inspect import (
     MySQLParams,
@@ -18,6 +15,10 @@ from agent.engines.mysql_inspect import (
     table_checksums,
 )
 from common.errors import DumpError
+from tests.integration.loopback import free_port
+from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.sample_data import create_sample_databases
+from tests.integration.sample_data import table_checksums as checksum_table
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,7 @@ SECRET = "Pa55#'\"wörd with spaces\\"
 
 @pytest.fixture(scope="module")
 def server(mariadb: MariaDBServer) -> MariaDBServer:
-    sample_data.create_sample_databases(mariadb)
+    create_sample_databases(mariadb)
     return mariadb
 
 
@@ -169,9 +170,7 @@ def test_unknown_database_is_a_dump_error(server: MariaDBServer) -> None:
 
 
 def test_unreachable_server_is_a_dump_error_naming_the_endpoint() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     params = MySQLParams("127.0.0.1", port, None, "root", SECRET)
     with pytest.raises(DumpError, match=f"cannot connect .*127.0.0.1:{port}") as info:
         discover_databases(params)
@@ -227,7 +226,7 @@ def test_documented_backup_grants_pass_without_routine_warning(server: MariaDBSe
 
 def test_table_checksums_count_rows_and_match_checksum_table(server: MariaDBServer) -> None:
     result = table_checksums(tcp_params(server), "tricky")
-    expected = sample_data.table_checksums(server, "tricky")
+    expected = checksum_table(server, "tricky")
     assert {name: value["checksum"] for name, value in result.items()} == expected
     assert result["customers"]["rows"] == 5  # four inserted, one added by the procedure
     assert result["attachments"]["rows"] == 5

@@ -1,20 +1,26 @@
-"""Streaming dumps from the real mariadb-dump against a real MariaDB server."""
+"""Streaming dumps from the real mariadb-dump against a real MariaDB server.
+
+Every dump is read as the agent reads it: by the pump (:mod:`agent.stream.compress_thread`),
+compressed with zstd, into a ``send`` that stands for the link to the collector.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import sample_data
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mariadb_server import MariaDBServer
 
 from agent.engines.mysql_dump import (
     MySQLDump,
@@ -26,7 +32,13 @@ from agent.engines.mysql_dump import (
     option_value,
 )
 from agent.engines.mysql_inspect import MySQLParams, table_checksums
+from agent.stream.compress_thread import CHUNK, DEPTH, pump
+from common.compression import make_compressor
 from common.errors import DumpError
+from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.sample_data import create_sample_databases, generate_bulk
+from tests.integration.sample_data import table_checksums as checksum_table
+from tests.waiting import parked, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +51,10 @@ DASH_DB = "-dash-db"
 
 @pytest.fixture(scope="module")
 def server(mariadb: MariaDBServer) -> MariaDBServer:
-    sample_data.create_sample_databases(mariadb)
-    sample_data.generate_bulk(mariadb, BULK_DB, 8_000_000)
+    create_sample_databases(mariadb)
+    # Larger than what the pump and the pipes hold while a link holds a send (about
+    # 7.5 MB), so a held dump tool is still running.
+    generate_bulk(mariadb, BULK_DB, 16_000_000)
     mariadb.create_database(DASH_DB)
     mariadb.execute("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(10))", DASH_DB)
     mariadb.execute("INSERT INTO t VALUES (1, 'dash-ok')", DASH_DB)
@@ -50,6 +64,64 @@ def server(mariadb: MariaDBServer) -> MariaDBServer:
         ["SELECT, SHOW VIEW, TRIGGER, EVENT ON *.*", "SELECT ON mysql.proc"],
     )
     return mariadb
+
+
+class Link:
+    """What the pump sends, decompressed again as it arrives: the dump's SQL.
+
+    While ``moving`` is clear every send waits, as on a link that has stopped moving
+    (``held`` starts it so); ``arrived`` is set by the first bytes.
+    """
+
+    def __init__(self, *, held: bool = False) -> None:
+        self.sql = bytearray()
+        self.arrived = asyncio.Event()
+        self.moving = asyncio.Event()
+        if not held:
+            self.moving.set()
+        self._zstd = zstandard.ZstdDecompressor().decompressobj()
+
+    async def send(self, out: bytes) -> None:
+        self.sql += self._zstd.decompress(out)
+        self.arrived.set()
+        await self.moving.wait()
+
+
+async def stream(dump: MySQLDump, link: Link) -> None:
+    """The dump through the agent's pump into ``link``, to its end."""
+    await pump(dump, make_compressor("zstd"), link.send)
+
+
+@contextlib.asynccontextmanager
+async def streaming_held(dump: MySQLDump) -> AsyncIterator[Link]:
+    """The pump streams ``dump`` into a link that holds every send; entered once the
+    first bytes have arrived. Leaving stops the pump, as a failed link does."""
+    link = Link(held=True)
+    task = asyncio.create_task(stream(dump, link))
+    try:
+        await wait_for(lambda: link.arrived.is_set() or task.done(), "the first bytes", 60)
+        if task.done():
+            task.result()  # the dump failed before sending anything: say how
+        yield link
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def pump_thread() -> threading.Thread:
+    (thread,) = [t for t in threading.enumerate() if t.name == "backhaul-dump-pump"]
+    return thread
+
+
+def blocked_writing_its_output(pid: int) -> bool:
+    """Whether process ``pid`` is blocked in write(2) on its stdout (fd 1), a full pipe."""
+    try:
+        syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return len(syscall) > 1 and syscall[1] == "0x1" and "pipe_write" in wchan
 
 
 def backup_params(server: MariaDBServer, *, via_socket: bool = False) -> MySQLParams:
@@ -63,8 +135,10 @@ def root_params(server: MariaDBServer) -> MySQLParams:
 
 
 async def dump_bytes(params: MySQLParams, database: str) -> bytes:
+    link = Link()
     async with MySQLDump(params, database) as dump:
-        data = b"".join([chunk async for chunk in dump])
+        await stream(dump, link)
+    data = bytes(link.sql)
     assert dump.bytes_read == len(data)
     assert dump.returncode == 0
     assert dump.tool is not None and Path(dump.tool).name == "mariadb-dump"
@@ -167,8 +241,8 @@ async def test_dump_restores_into_another_database_with_identical_checksums(
     assert b"CREATE DATABASE" not in data
     assert not any(line.startswith(b"USE ") for line in data.splitlines())
     restore(server, "tricky_restored", data)
-    assert sample_data.table_checksums(server, "tricky_restored") == (
-        sample_data.table_checksums(server, "tricky")
+    assert checksum_table(server, "tricky_restored") == (
+        checksum_table(server, "tricky")
     )
     assert table_checksums(root_params(server), "tricky_restored") == (
         table_checksums(root_params(server), "tricky")
@@ -187,8 +261,8 @@ async def test_dump_of_hyphenated_database_with_myisam_table_restores(
 ) -> None:
     data = await dump_bytes(backup_params(server, via_socket=True), "my-db")
     restore(server, "my-db-restored", data)
-    assert sample_data.table_checksums(server, "my-db-restored") == (
-        sample_data.table_checksums(server, "my-db")
+    assert checksum_table(server, "my-db-restored") == (
+        checksum_table(server, "my-db")
     )
 
 
@@ -196,15 +270,6 @@ async def test_database_name_starting_with_dash_is_not_an_option(server: MariaDB
     data = await dump_bytes(backup_params(server), DASH_DB)
     assert b"dash-ok" in data
     assert b"CREATE TABLE `t`" in data
-
-
-async def test_chunks_never_exceed_chunk_size(server: MariaDBServer) -> None:
-    sizes = []
-    async with MySQLDump(backup_params(server), "tricky", chunk_size=4096) as dump:
-        async for chunk in dump:
-            sizes.append(len(chunk))
-    assert max(sizes) <= 4096
-    assert sum(sizes) == dump.bytes_read > 600_000
 
 
 def test_find_tools_prefer_mariadb_names_and_fail_clearly(tmp_path: Path) -> None:
@@ -231,8 +296,7 @@ def test_the_dump_tool_runs_behind_stdbuf_when_coreutils_has_it(tmp_path: Path) 
 
 async def test_the_dump_tool_writes_through_a_256_kib_buffer(server: MariaDBServer) -> None:
     """One write per 256 KiB instead of one per 4 KiB page: the pipe's reader wakes less."""
-    async with MySQLDump(backup_params(server), BULK_DB, chunk_size=65536) as dump:
-        await dump.__anext__()
+    async with MySQLDump(backup_params(server), BULK_DB) as dump, streaming_held(dump):
         assert dump.pid is not None
         assert Path(proc_bytes(dump.pid, "cmdline").split(b"\0")[0].decode()).name == \
             "mariadb-dump", "stdbuf has exec'd the tool: same pid, the tool's own status"
@@ -246,17 +310,17 @@ async def test_credentials_stay_in_a_private_option_file_removed_once_read(
     server: MariaDBServer,
 ) -> None:
     secret = AWKWARD_PASSWORD.encode()
-    async with MySQLDump(backup_params(server), BULK_DB, chunk_size=65536) as dump:
+    async with MySQLDump(backup_params(server), BULK_DB) as dump:
         option_file = dump.option_file
         assert option_file is not None and dump.pid is not None
         assert stat.S_IMODE(option_file.stat().st_mode) == 0o600
         assert stat.S_IMODE(option_file.parent.stat().st_mode) == 0o700
         assert option_file.stat().st_uid == os.geteuid()
         assert b"password=" in option_file.read_bytes()
-        await dump.__anext__()
-        assert not option_file.exists(), "the tool has read its options once it writes"
-        cmdline = proc_bytes(dump.pid, "cmdline")
-        environ = proc_bytes(dump.pid, "environ")
+        async with streaming_held(dump):
+            assert not option_file.exists(), "the tool has read its options once it writes"
+            cmdline = proc_bytes(dump.pid, "cmdline")
+            environ = proc_bytes(dump.pid, "environ")
         assert cmdline, "the dump process should still be running (blocked on the pipe)"
         assert cmdline.split(b"\0")[1] == f"--defaults-extra-file={option_file}".encode()
         assert secret not in cmdline
@@ -268,8 +332,7 @@ async def test_credentials_stay_in_a_private_option_file_removed_once_read(
 
 async def test_option_file_is_removed_after_a_complete_dump(server: MariaDBServer) -> None:
     async with MySQLDump(backup_params(server), "tricky") as dump:
-        async for _chunk in dump:
-            pass
+        await stream(dump, Link())
         assert dump.option_file is not None
         assert not dump.option_file.exists()
 
@@ -277,18 +340,21 @@ async def test_option_file_is_removed_after_a_complete_dump(server: MariaDBServe
 # -- back-pressure and early exit ----------------------------------------------------------------
 
 
-async def test_slow_consumer_blocks_the_dump_tool(server: MariaDBServer) -> None:
-    async with MySQLDump(backup_params(server), BULK_DB, chunk_size=65536) as dump:
-        await dump.__anext__()
-        await asyncio.sleep(0.5)
-        assert dump.returncode is None, "an 8 MB dump finishes in well under 0.5 s unblocked"
-        assert dump.bytes_read <= 65536
+async def test_slow_link_blocks_the_dump_tool(server: MariaDBServer) -> None:
+    """A link that stops moving stops the pump, then the dump tool on its full pipe."""
+    async with MySQLDump(backup_params(server), BULK_DB) as dump, streaming_held(dump):
+        assert dump.pid is not None
+        pid, thread = dump.pid, pump_thread()
+        await wait_for(lambda: parked(thread) and blocked_writing_its_output(pid),
+                       "the pump and the dump tool to wait for the link", 30)
+        assert dump.returncode is None
+        # What the pump may hold while the link holds its first send (see test_pump).
+        assert dump.bytes_read <= (DEPTH + 2) * CHUNK
 
 
 async def test_leaving_early_kills_and_reaps_the_process(server: MariaDBServer) -> None:
-    async with MySQLDump(backup_params(server), BULK_DB) as dump:
-        async for _chunk in dump:
-            break
+    async with MySQLDump(backup_params(server), BULK_DB) as dump, streaming_held(dump):
+        pass
     assert dump.returncode is not None and dump.returncode < 0
     assert dump.pid is not None
     assert not process_exists(dump.pid)
@@ -298,18 +364,16 @@ async def test_leaving_early_kills_and_reaps_the_process(server: MariaDBServer) 
 async def test_cancellation_kills_the_process_and_removes_the_option_file(
     server: MariaDBServer,
 ) -> None:
-    started = asyncio.Event()
+    link = Link(held=True)
     holder: list[MySQLDump] = []
 
     async def consume() -> None:
         async with MySQLDump(backup_params(server), BULK_DB) as dump:
             holder.append(dump)
-            async for _chunk in dump:
-                started.set()
-                await asyncio.sleep(60)
+            await stream(dump, link)
 
     task = asyncio.create_task(consume())
-    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(link.arrived.wait(), 60)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -319,10 +383,12 @@ async def test_cancellation_kills_the_process_and_removes_the_option_file(
 
 
 async def test_consumer_error_propagates_and_kills_the_process(server: MariaDBServer) -> None:
+    async def send(out: bytes) -> None:
+        _ = 1 / 0
+
     with pytest.raises(ZeroDivisionError):
         async with MySQLDump(backup_params(server), BULK_DB) as dump:
-            async for _chunk in dump:
-                _ = 1 / 0
+            await pump(dump, make_compressor("zstd"), send)
     assert dump.returncode is not None
 
 
@@ -374,28 +440,35 @@ async def test_a_stdbuf_that_cannot_start_is_named_in_the_error(
 
 
 async def test_dump_tool_killed_by_a_signal_is_a_dump_error(server: MariaDBServer) -> None:
+    killed = False
+
+    async def send(out: bytes) -> None:
+        nonlocal killed
+        # Once only: the child is reaped before asyncio records its exit status, so a
+        # second kill could find no such process.
+        if not killed and dump.pid is not None:
+            os.kill(dump.pid, signal.SIGKILL)
+            killed = True
+
     with pytest.raises(DumpError, match="mariadb-dump was killed by SIGKILL") as info:
-        async with MySQLDump(backup_params(server), BULK_DB, chunk_size=65536) as dump:
-            killed = False
-            async for _chunk in dump:
-                # Once only: the child is reaped before asyncio records its exit status,
-                # so a second kill could find no such process.
-                if not killed and dump.pid is not None:
-                    os.kill(dump.pid, signal.SIGKILL)
-                    killed = True
+        async with MySQLDump(backup_params(server), BULK_DB) as dump:
+            await pump(dump, make_compressor("zstd"), send)
     assert info.value.returncode == -signal.SIGKILL
 
 
 async def test_server_killed_mid_dump_is_a_dump_error(mariadb_fresh: MariaDBServer) -> None:
-    sample_data.generate_bulk(mariadb_fresh, "big", 24_000_000)
+    generate_bulk(mariadb_fresh, "big", 24_000_000)
     params = root_params(mariadb_fresh)
-    received = 0
+    link = Link()
+
+    async def send(out: bytes) -> None:
+        if not link.arrived.is_set():
+            mariadb_fresh.kill()
+        await link.send(out)
+
     with pytest.raises(DumpError) as info:
-        async with MySQLDump(params, "big", chunk_size=65536) as dump:
-            async for chunk in dump:
-                if received == 0:
-                    mariadb_fresh.kill()
-                received += len(chunk)
+        async with MySQLDump(params, "big") as dump:
+            await pump(dump, make_compressor("zstd"), send)
     assert info.value.returncode not in (0, None)
     assert "Lost connection" in str(info.value) or "gone away" in str(info.value)
-    assert received < 24_000_000
+    assert len(link.sql) < 24_000_000

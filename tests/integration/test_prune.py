@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Deployment, log_text, stored_files
 
 from collector.store.files import Store, StoredBackup
 from collector.store.retention import Backup, RetentionPolicy, plan
 from common.compression import make_compressor
+from tests.integration.harness import Deployment, log_text, stored_files
 
 pytestmark = pytest.mark.integration
 

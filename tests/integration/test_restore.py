@@ -10,10 +10,18 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from agent_ops import backups, manifest_of, password_file, write_manifest
-from harness import Deployment, log_text, mysql_source, run_agent, run_cli, running_collector
-from mariadb_server import MariaDBServer
-from sample_data import object_counts, table_checksums
+
+from tests.integration.agent_ops import backups, manifest_of, password_file, write_manifest
+from tests.integration.harness import (
+    Deployment,
+    log_text,
+    mysql_source,
+    run_agent,
+    run_cli,
+    running_collector,
+)
+from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.sample_data import object_counts, table_checksums
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,17 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from harness import Deployment, log_text, mysql_source, run_agent, running_collector, stored_files
-from mariadb_server import MariaDBServer
-from sample_data import generate_bulk
+
+from tests.integration.harness import (
+    Deployment,
+    log_text,
+    mysql_source,
+    run_agent,
+    running_collector,
+    stored_files,
+)
+from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.sample_data import generate_bulk
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from harness import Deployment, running_collector
+
+from tests.integration.harness import Deployment, running_collector
 
 pytestmark = pytest.mark.integration
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,18 @@ class Channel:
 
 async def record(channel: Channel, data: bytes) -> None:
     channel.sent.append(data)
+
+
+class Opening(asyncio.Future[Channel]):
+    """The channel being opened; ``awaited`` is set once something waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.awaited = asyncio.Event()
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        self.awaited.set()  # asyncio.wait and shield wait through a done callback
+        super().add_done_callback(fn, context=context)
 
 
 async def test_bytes_made_before_the_channel_opens_go_out_first_and_in_order() -> None:
@@ -39,12 +52,13 @@ async def test_bytes_made_before_the_channel_opens_go_out_first_and_in_order() -
 
 
 async def test_sending_waits_for_the_channel_once_the_limit_is_reached() -> None:
-    opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
-    gate = HeadStart(asyncio.ensure_future(opened), record, limit=10)
+    opened = Opening()
+    gate = HeadStart(opened, record, limit=10)
     await gate.send(b"x" * 8)
+    assert not opened.awaited.is_set(), "8 bytes fit in the head start"
 
     blocked = asyncio.create_task(gate.send(b"y" * 8))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(opened.awaited.wait(), 5)
     assert not blocked.done(), "16 bytes exceed the 10-byte head start"
     assert gate.held_bytes == 8
 
@@ -59,6 +73,7 @@ async def test_a_full_head_start_gives_up_after_its_patience_and_leaves_opening_
     table lock while the connection is retried."""
     opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
     opening = asyncio.ensure_future(opened)
+    # The patience is what is tested: the send must give up once it has run out.
     gate = HeadStart(opening, record, limit=10, patience=0.1)
     await gate.send(b"x" * 8)
     started = asyncio.get_running_loop().time()
@@ -74,24 +89,33 @@ async def test_a_full_head_start_gives_up_after_its_patience_and_leaves_opening_
 
 
 async def test_a_dump_that_ends_within_the_head_start_is_sent_when_the_channel_opens() -> None:
-    opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
-    gate = HeadStart(asyncio.ensure_future(opened), record, limit=100)
+    opened = Opening()
+    gate = HeadStart(opened, record, limit=100)
     await gate.send(b"whole dump")
 
+    waiting = asyncio.create_task(gate.channel())
+    await asyncio.wait_for(opened.awaited.wait(), 5)
+    assert not waiting.done()
     channel = Channel()
-    asyncio.get_running_loop().call_later(0.05, opened.set_result, channel)
-    assert await gate.channel() is channel
+    opened.set_result(channel)
+    assert await asyncio.wait_for(waiting, 5) is channel
     assert channel.sent == [b"whole dump"]
 
 
 async def test_a_channel_that_cannot_open_fails_the_next_send_and_drops_what_was_held() -> None:
+    refused = asyncio.Event()
+
     async def refuse() -> Channel:
-        await asyncio.sleep(0.01)
+        await refused.wait()
         raise RejectedError("busy", "too many uploads")
 
-    gate = HeadStart(asyncio.create_task(refuse()), record, limit=100)
+    opening = asyncio.create_task(refuse())
+    gate = HeadStart(opening, record, limit=100)
     await gate.send(b"early")
-    await asyncio.sleep(0.05)
+    assert gate.held_bytes == 5
+    refused.set()
+    await asyncio.wait({opening}, timeout=5)
+    assert opening.done()
 
     with pytest.raises(RejectedError, match="busy"):
         await gate.send(b"late")

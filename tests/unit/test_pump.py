@@ -6,8 +6,10 @@ Real pipes fed by a writer thread stand in for the dump tool.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -15,12 +17,12 @@ from collections.abc import Iterator
 import pytest
 import zstandard
 
-import agent.stream.pipe
 from agent.stream.compress_thread import CHUNK, DEPTH, PipeDump, pump
 from agent.stream.pipe import GULP, GULP_WAIT, POLL_INTERVAL, PipeReader, PipeStopped
 from agent.stream.stages import DumpStalled, Progress
 from common.compression import ZstdFrameTracker, make_compressor
 from common.errors import DumpError
+from tests.waiting import parked, wait_for
 
 
 class FakeDump:
@@ -75,24 +77,38 @@ def pipe() -> Iterator[Pipe]:
     made.close_all()
 
 
-def writer(pipe: Pipe, data: bytes, *, close: bool = True, piece: int = 100_000) -> list[int]:
-    """Write ``data`` into the pipe from a thread, then close its write end; returns a
-    one-item list counting the bytes written so far."""
-    written = [0]
+class Writer:
+    """Writes ``data`` into the pipe from a thread, as a dump tool would, then closes its
+    end. Its writes do not block, so that a full pipe is seen: ``full`` is set while the
+    writer waits for room."""
 
-    def run() -> None:
+    def __init__(self, pipe: Pipe, data: bytes, *, close: bool = True,
+                 piece: int = 100_000) -> None:
+        self.written = 0
+        self.full = threading.Event()
+        self._pipe, self._data, self._close, self._piece = pipe, data, close, piece
+        os.set_blocking(pipe.write_fd, False)
+        thread = threading.Thread(target=self._run, daemon=True)
+        pipe.writers.append(thread)
+        thread.start()
+
+    def _run(self) -> None:
+        fd = self._pipe.write_fd
+        room = select.poll()
+        room.register(fd, select.POLLOUT)
         try:
-            for start in range(0, len(data), piece):
-                written[0] += os.write(pipe.write_fd, data[start : start + piece])
+            while self.written < len(self._data):
+                start = self.written
+                try:
+                    self.written += os.write(fd, self._data[start : start + self._piece])
+                except BlockingIOError:
+                    self.full.set()
+                    room.poll()  # the test closing the read end ends this wait too
+                    self.full.clear()
         except OSError:  # the test is over and closed the pipe
             return
-        if close:
-            pipe.close(pipe.write_fd)
-
-    thread = threading.Thread(target=run, daemon=True)
-    pipe.writers.append(thread)
-    thread.start()
-    return written
+        if self._close:
+            self._pipe.close(fd)
 
 
 def sample(size: int) -> bytes:
@@ -110,7 +126,7 @@ async def test_output_decompresses_to_the_dump_and_its_digest_is_of_what_was_sen
 ) -> None:
     read_fd = pipe.read_fd
     data = sample(5 * CHUNK + 12345)
-    writer(pipe, data)
+    Writer(pipe, data)
     dump = FakeDump(read_fd)
     sent: list[bytes] = []
 
@@ -146,7 +162,7 @@ async def test_gzip_and_an_empty_dump_still_make_a_whole_stream(pipe: Pipe) -> N
 
 async def test_a_failed_dump_tool_keeps_the_last_bytes_back(pipe: Pipe) -> None:
     read_fd = pipe.read_fd
-    writer(pipe, sample(100_000))
+    Writer(pipe, sample(100_000))
     dump = FakeDump(read_fd, fail=True)
     sent: list[bytes] = []
 
@@ -182,7 +198,7 @@ async def test_a_silent_dump_stalls_and_the_thread_is_stopped(pipe: Pipe) -> Non
 
 async def test_a_failing_send_stops_the_thread_and_is_raised_as_is(pipe: Pipe) -> None:
     read_fd = pipe.read_fd
-    writer(pipe, sample(20 * CHUNK), close=False)
+    Writer(pipe, sample(20 * CHUNK), close=False)
 
     class Cut(Exception):
         pass
@@ -198,20 +214,27 @@ async def test_a_failing_send_stops_the_thread_and_is_raised_as_is(pipe: Pipe) -
 
 
 async def test_a_slow_sender_holds_the_dump_back(pipe: Pipe) -> None:
-    read_fd = pipe.read_fd
     total = 64 * CHUNK
-    written = writer(pipe, os.urandom(total))
-    dump = FakeDump(read_fd)
+    source = Writer(pipe, os.urandom(total))
+    dump = FakeDump(pipe.read_fd)
+    sending = asyncio.Event()
     release = asyncio.Event()
 
     async def send(out: bytes) -> None:
+        sending.set()
         await release.wait()
 
     task = asyncio.create_task(pump(dump, make_compressor("zstd"), send))
-    await asyncio.sleep(1.0)
-    # The first send is blocked: the thread may read DEPTH more pieces and hold one,
-    # the pipe (64 KiB here) and one write of the writer's are in flight; no more.
-    assert CHUNK < written[0] <= (DEPTH + 2) * CHUNK + 64 * 1024 + 100_000
+    await asyncio.wait_for(sending.wait(), 10)
+    (thread,) = pump_threads()
+    # Held back for good: the thread waits for a free hand-over slot, and the writer
+    # for room in the pipe, which nobody reads any more.
+    await wait_for(lambda: parked(thread) and source.full.is_set(),
+                   "the pump thread and the writer to wait for the sender", timeout=10)
+    # The first send is blocked: the thread has read DEPTH more pieces and holds one,
+    # and the pipe is full; no more.
+    capacity = fcntl.fcntl(pipe.read_fd, fcntl.F_GETPIPE_SZ)
+    assert CHUNK < source.written <= (DEPTH + 2) * CHUNK + capacity
     release.set()
     result = await task
     assert result.raw_bytes == total
@@ -232,7 +255,7 @@ async def test_the_pump_is_a_pipe_dump_protocol_match() -> None:
 
 def test_reader_fills_the_buffer_while_bytes_keep_coming(pipe: Pipe) -> None:
     read_fd = pipe.read_fd
-    writer(pipe, b"x" * (3 * CHUNK), piece=4096)
+    Writer(pipe, b"x" * (3 * CHUNK), piece=4096)
     reader = PipeReader(read_fd)
     buffer = memoryview(bytearray(CHUNK))
     assert reader.readinto(buffer) == (CHUNK, False)
@@ -263,21 +286,21 @@ def test_a_stopped_reader_gives_up_within_its_poll_interval(pipe: Pipe) -> None:
 
     thread = threading.Thread(target=read)
     thread.start()
-    time.sleep(0.3)
+    # The wait is what is tested: with nothing to read, the reader is still waiting
+    # several poll intervals later (and is then surely inside its poll when stopped).
+    thread.join(timeout=3 * POLL_INTERVAL)
     assert thread.is_alive(), "nothing to read: the reader waits"
     reader.stop()
     thread.join(timeout=5 * POLL_INTERVAL)
     assert not thread.is_alive() and len(outcome) == 1
 
 
-def test_reader_waits_for_the_pipe_to_fill_after_a_short_read(
-    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_reader_waits_for_the_pipe_to_fill_after_a_short_read(pipe: Pipe) -> None:
     pieces = [b"%d" % i * 4096 for i in range(10)]
     os.write(pipe.write_fd, pieces[0])
     waits: list[float] = []
 
-    def sleep(seconds: float) -> None:
+    def pause(seconds: float) -> None:
         # Each pause lets the "dump tool" write one more 4 KiB piece, then it ends.
         waits.append(seconds)
         if len(waits) < len(pieces):
@@ -285,19 +308,16 @@ def test_reader_waits_for_the_pipe_to_fill_after_a_short_read(
         else:
             pipe.close(pipe.write_fd)
 
-    monkeypatch.setattr(agent.stream.pipe.time, "sleep", sleep)
     buffer = memoryview(bytearray(CHUNK))
-    count, ended = PipeReader(pipe.read_fd).readinto(buffer)
+    count, ended = PipeReader(pipe.read_fd, pause=pause).readinto(buffer)
     assert (count, ended) == (sum(map(len, pieces)), True)
     assert bytes(buffer[:count]) == b"".join(pieces)
     assert waits == [GULP_WAIT] * len(pieces)
 
 
-def test_reader_does_not_wait_while_reads_come_back_full(
-    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_reader_does_not_wait_while_reads_come_back_full(pipe: Pipe) -> None:
     waits: list[float] = []
-    monkeypatch.setattr(agent.stream.pipe.time, "sleep", waits.append)
     os.write(pipe.write_fd, b"x" * GULP)
-    assert PipeReader(pipe.read_fd).readinto(memoryview(bytearray(GULP))) == (GULP, False)
+    reader = PipeReader(pipe.read_fd, pause=waits.append)
+    assert reader.readinto(memoryview(bytearray(GULP))) == (GULP, False)
     assert waits == []

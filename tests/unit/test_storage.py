@@ -414,14 +414,13 @@ def test_short_writes_of_the_manifest_are_completed(
     pending = store.begin(AGENT, "hospital", EXT)
     pending.write(b"data")
     monkeypatch.setattr(os, "write", fake_write(store.root, short))
-    try:
-        stored = pending.commit(DAY, manifest_for(b"data"))
-    except StorageError:
-        return
-    finally:
-        monkeypatch.undo()
+    stored = pending.commit(DAY, manifest_for(b"data"))
+    monkeypatch.undo()
     manifest_path = stored.path.with_name(stored.name + MANIFEST_SUFFIX)
     assert json.loads(manifest_path.read_text()) == stored.manifest
+    assert stored.manifest["sha256"] == manifest_for(b"data")["sha256"]
+    assert stored.path.read_bytes() == b"data"
+    assert temps(folder_of(store)) == []
 
 
 def test_folder_that_cannot_be_created_is_a_storage_error(tmp_path: Path) -> None:
