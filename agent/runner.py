@@ -87,17 +87,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _reason(exc: BaseException) -> str:
-    """One word for metrics and alerts."""
-    if isinstance(exc, DumpError):
-        return "dump"
-    if isinstance(exc, RejectedError):
-        return exc.code
-    if isinstance(exc, TransportError):
-        return "transport"
-    return type(exc).__name__.removesuffix("Error").lower() or "error"
-
-
 class BackupRunner:
     """Backs up the selected databases of the configured sources."""
 
@@ -269,7 +258,7 @@ class BackupRunner:
             log.debug("could not send ABORT; the channel is already gone")
 
     async def _report(self, source: SourceConfig, database: str | None,
-                      exc: BaseException) -> None:
+                      exc: BackhaulError) -> None:
         """Tell the collector about a failure before any dump began.
 
         A report lost on the way (collector unreachable, connection broken, busy) is
@@ -279,7 +268,7 @@ class BackupRunner:
         """
         label = f"{source.name}/{escape_control(database or '*')}"
         report = Report(
-            reason=_reason(exc), message=str(exc)[:1000], database=database,
+            reason=exc.reason, message=str(exc)[:1000], database=database,
             source=source.name, at=_now(),
         )
         attempts = 0

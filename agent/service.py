@@ -43,7 +43,7 @@ from agent.engines.adapters import adapter_for
 from agent.link.requests import ServiceClient, send_report
 from agent.runner import BackupRunner
 from agent.schedule import Schedule, parse_schedule
-from common.errors import BackhaulError, ConfigError, DumpError, ExitCode, TransportError
+from common.errors import BackhaulError, ConfigError, ExitCode, TransportError
 from common.logsetup import escape_control
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ class AgentService:
             await send_report(
                 client,
                 kind="failure",
-                reason=_reason(exc),
+                reason=exc.reason,
                 message=str(exc),
                 database=None,
                 source=source.name,
@@ -399,11 +399,3 @@ class AgentService:
                 )
             finally:
                 forced.cancel()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, DumpError):
-        return "dump"
-    if isinstance(exc, TransportError):
-        return "transport"
-    return type(exc).__name__.removesuffix("Error").lower() or "error"

@@ -42,6 +42,7 @@ class NoBackupError(BackhaulError):
     """The collector holds no backup that fits the request."""
 
     exit_code = ExitCode.FAILED
+    reason = "no_backup"
 
 
 class MeterFactory(Protocol):
