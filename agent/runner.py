@@ -17,20 +17,17 @@ from typing import TYPE_CHECKING, Any
 from agent.config import AgentConfig, SourceConfig
 from agent.engines.adapters import Adapter, adapter_for
 from agent.link.pending import LinkDown, PendingClient, settle
-from agent.link.retry import retry
 from agent.stream.compress_thread import PipeDump, pump
 from agent.stream.early_buffer import ChannelLate, HeadStart
 from agent.stream.stages import DumpStalled, Progress, StreamResult, run_pipeline
 from common.compression import make_compressor
 from common.errors import (
     BackhaulError,
-    CollectorTrustError,
     DumpError,
     ExitCode,
-    RejectedError,
     TransportError,
 )
-from common.events import Abort, Ack, Begin, Data, End, Report, Stored
+from common.events import Abort, Begin, Data, End, Stored
 from common.logsetup import escape_control
 
 if TYPE_CHECKING:  # the SSH stack loads in the background (agent.link.pending)
@@ -73,13 +70,6 @@ def run_exit_code(results: list[BackupResult]) -> ExitCode:
     if not codes:
         return ExitCode.OK
     return codes.pop() if len(codes) == 1 else ExitCode.FAILED
-
-
-def _worth_reporting_again(exc: BaseException) -> bool:
-    """A REPORT lost on the way is sent again, unless the collector will not have us."""
-    if isinstance(exc, RejectedError):
-        return exc.code == "busy"
-    return isinstance(exc, TransportError) and not isinstance(exc, CollectorTrustError)
 
 
 def _now() -> str:
@@ -267,36 +257,17 @@ class BackupRunner:
         log, and the collector's missing-backup alert covers the silence.
         """
         label = f"{source.name}/{escape_control(database or '*')}"
-        report = Report(
-            reason=exc.reason, message=str(exc)[:1000], database=database,
-            source=source.name, at=_now(),
-        )
-        attempts = 0
         client = await self._collector()
-
-        async def send() -> None:
-            nonlocal attempts
-            attempts += 1
-            if attempts > 1:
-                await client.reconnect()
-            await self._send_report(client, report)
+        # Here, not at the top: the SSH stack is loaded by now (agent.link.pending).
+        from agent.link.requests import send_report
 
         try:
-            await retry(send, client.retry_policy,
-                        f"reporting the failure of {label} to the collector",
-                        _worth_reporting_again)
+            await send_report(client, kind="failure", reason=exc.reason, message=str(exc),
+                              database=database, source=source.name)
         except BackhaulError as err:
             log.error("could not report the failure of %s to the collector: %s", label, err)
         else:
             log.info("reported the failure of %s to the collector", label)
-
-    async def _send_report(self, client: CollectorClient, report: Report) -> None:
-        channel = await client.channel()
-        try:
-            await channel.send(report)
-            await channel.expect(Ack, timeout=60)
-        finally:
-            channel.close()
 
 
 async def _dump_into(send: Callable[[bytes], Awaitable[None]], source: SourceConfig,

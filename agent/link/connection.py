@@ -23,6 +23,7 @@ from agent.link.retry import RetryPolicy, retry
 from common.errors import (
     CollectorTrustError,
     CollectorUnreachableError,
+    RejectCode,
     RejectedError,
     RemoteProtocolError,
     TransportError,
@@ -47,7 +48,7 @@ _TRANSIENT_DISCONNECTS = frozenset({
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying later may cure ``exc`` (the collector away or busy)."""
     if isinstance(exc, RejectedError):
-        return exc.code == "busy"
+        return exc.code == RejectCode.BUSY
     return isinstance(exc, CollectorUnreachableError)
 
 

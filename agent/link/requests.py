@@ -22,9 +22,19 @@ from typing import Any
 import asyncssh
 
 from agent.link.connection import Channel, CollectorClient
-from common.errors import BackhaulError, IntegrityError, RemoteProtocolError
+from agent.link.retry import retry
+from common.errors import (
+    BackhaulError,
+    CollectorTrustError,
+    IntegrityError,
+    RejectCode,
+    RejectedError,
+    RemoteProtocolError,
+    TransportError,
+)
 from common.events import SHA256_RE, Abort, Ack, Data, End, FetchMeta, Listing, ListRequest, Report
 from common.events import Fetch as FetchRequest
+from common.logsetup import escape_control
 from common.protocol import State
 
 log = logging.getLogger(__name__)
@@ -141,21 +151,47 @@ async def send_report(
 ) -> None:
     """Tell the collector about a failure or a drill's result; waits for its ACK.
 
+    A report lost on the way (collector unreachable, connection broken, busy) is sent
+    again on a new connection, with backoff (``[collector] retries``, ``retry_backoff``);
+    one the collector will not have (keys not trusted, another REJECT) is not.
+
     Raises:
         TransportError, RejectedError, RemoteProtocolError: the report did not arrive.
     """
+    report = Report(
+        reason=reason[:64],
+        message=message[:1000],
+        database=database,
+        source=source,
+        at=datetime.now(UTC).isoformat(timespec="seconds"),
+        kind=kind,
+    )
+    what = "the failure" if kind == "failure" else "the drill"
+    label = f"{source or '*'}/{escape_control(database or '*')}"
+    attempts = 0
+
+    async def send() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 1:
+            await client.reconnect()
+        await _deliver(client, report)
+
+    await retry(send, client.retry_policy, f"reporting {what} of {label} to the collector",
+                _worth_reporting_again)
+
+
+def _worth_reporting_again(exc: BaseException) -> bool:
+    """A REPORT lost on the way is sent again, unless the collector will not have us."""
+    if isinstance(exc, RejectedError):
+        return exc.code == RejectCode.BUSY
+    return isinstance(exc, TransportError) and not isinstance(exc, CollectorTrustError)
+
+
+async def _deliver(client: CollectorClient, report: Report) -> None:
     channel = await client.channel()
     try:
-        await channel.send(
-            Report(
-                reason=reason[:64],
-                message=message[:1000],
-                database=database,
-                source=source,
-                at=datetime.now(UTC).isoformat(timespec="seconds"),
-                kind=kind,
-            )
-        )
+        await channel.send(report)
         await channel.expect(Ack, timeout=ANSWER_TIMEOUT)
     finally:
         channel.close()
