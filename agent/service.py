@@ -40,7 +40,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, SourceConfig, load_agent_config
 from agent.engines.adapters import adapter_for
-from agent.link.requests import ServiceClient, send_report
+from agent.link.abort_on_close import AbortOnCloseClient
+from agent.link.requests import send_report
 from agent.runner import BackupRunner
 from agent.schedule import Schedule, parse_schedule
 from common.errors import BackhaulError, ConfigError, ExitCode, TransportError
@@ -147,7 +148,7 @@ class AgentService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: set[asyncio.Task[Any]] = set()
         self._busy: set[tuple[str, str]] = set()
-        self._clients: set[ServiceClient] = set()
+        self._clients: set[AbortOnCloseClient] = set()
         self._wake = asyncio.Event()
         self._force = asyncio.Event()
         self._stopping = False
@@ -330,7 +331,7 @@ class AgentService:
             self._busy.discard(key)
 
     async def _backup_now(self, config: AgentConfig, source: SourceConfig, database: str) -> None:
-        client = ServiceClient(config)
+        client = AbortOnCloseClient(config)
         try:
             await client.connect()
         except TransportError as exc:
@@ -344,7 +345,7 @@ class AgentService:
             await client.close()
 
     async def _report(self, config: AgentConfig, source: SourceConfig, exc: BackhaulError) -> None:
-        client = ServiceClient(config)
+        client = AbortOnCloseClient(config)
         try:
             await client.connect()
             await send_report(
