@@ -199,37 +199,69 @@ async def restore_backup(
     Raises:
         As :func:`restore`.
     """
-    name, database = str(summary["name"]), str(summary["database"])
-    fmt, compression = _kind(name)
-    first = _Check(fmt, compression)
-    verified = await fetch(
-        client, database, name, first.feed, progress=_advance(meter, f"verifying {name}", summary)
-    )
-    first.finish()
-    _check_manifest(verified, summary, fmt, compression)
+    name = str(summary["name"])
+    verified = await _verify(client, summary, meter)
     log.info("%s verified: %d bytes, sha256 %s", name, verified.byte_count, verified.sha256)
     await loader.prepare(target, replace=replace)
-    second = _Check(fmt, compression)
+    loaded, output_bytes = await _load(client, summary, loader, target, meter)
+    if loaded.sha256 != verified.sha256:
+        raise IntegrityError(f"{name} changed on the collector between verifying and loading")
+    log.info("%s loaded into %r", name, target)
+    return RestoreOutcome(
+        name, target, loaded.byte_count, loaded.sha256, output_bytes, loaded.manifest
+    )
+
+
+async def _verify(
+    client: CollectorClient, summary: dict[str, Any], meter: MeterFactory | None
+) -> Fetched:
+    """The first pass: the whole backup fetched and checked, nothing loaded.
+
+    Raises:
+        IntegrityError: the backup or its manifest is damaged.
+        TransportError, RejectedError, RemoteProtocolError: the fetch failed.
+    """
+    name, database = str(summary["name"]), str(summary["database"])
+    fmt, compression = _kind(name)
+    check = _Check(fmt, compression)
+    verified = await fetch(
+        client, database, name, check.feed, progress=_advance(meter, f"verifying {name}", summary)
+    )
+    check.finish()
+    _check_manifest(verified, summary, fmt, compression)
+    return verified
+
+
+async def _load(
+    client: CollectorClient,
+    summary: dict[str, Any],
+    loader: Loader,
+    target: str,
+    meter: MeterFactory | None,
+) -> tuple[Fetched, int]:
+    """The second pass: the backup fetched again into ``target``, checked the same way;
+    what was fetched and how many bytes it decompressed to.
+
+    Raises:
+        As :func:`restore`.
+    """
+    name, database = str(summary["name"]), str(summary["database"])
+    check = _Check(*_kind(name))
     async with loader.load(target) as sink:
 
         async def take(chunk: bytes) -> None:
-            for piece in await second.feed_collect(chunk):
+            for piece in await check.feed_collect(chunk):
                 await sink.write(piece)
 
         try:
             loaded = await fetch(
                 client, database, name, take, progress=_advance(meter, f"loading {name}", summary)
             )
-            second.finish()
+            check.finish()
         except IntegrityError as exc:
             raise IntegrityError(f"{exc} (while loading: {target!r} may hold part of it)") from None
         await sink.finish()
-    if loaded.sha256 != verified.sha256:
-        raise IntegrityError(f"{name} changed on the collector between verifying and loading")
-    log.info("%s loaded into %r", name, target)
-    return RestoreOutcome(
-        name, target, loaded.byte_count, loaded.sha256, second.output_bytes, loaded.manifest
-    )
+    return loaded, check.output_bytes
 
 
 def _advance(
