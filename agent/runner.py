@@ -100,12 +100,12 @@ class BackupRunner:
                 if source_name is not None and source.name != source_name:
                     continue
                 results.extend(await self.run_source(source, database))
-            await self._collector()  # a run with nothing to send still needs the collector
+            await self._connected()  # a run with nothing to send still needs the collector
         except LinkDown as down:
             raise down.error from None
         return results
 
-    async def _collector(self) -> CollectorClient:
+    async def _connected(self) -> CollectorClient:
         """The connected client.
 
         Raises:
@@ -210,7 +210,7 @@ class BackupRunner:
             LinkDown: the run's pending connection could not be made.
             TransportError, RejectedError: the channel could not be opened.
         """
-        client = await self._collector()
+        client = await self._connected()
         channel = await client.channel()
         try:
             await channel.send(begin())
@@ -236,7 +236,7 @@ class BackupRunner:
         log, and the collector's missing-backup alert covers the silence.
         """
         label = f"{source.name}/{escape_control(database or '*')}"
-        client = await self._collector()
+        client = await self._connected()
         # Here, not at the top: the SSH stack is loaded by now (agent.link.pending).
         from agent.link.requests import send_report
 
