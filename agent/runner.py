@@ -10,27 +10,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig, SourceConfig
 from agent.engines.adapters import Adapter, adapter_for
 from agent.link.pending import LinkDown, PendingClient, settle
-from agent.link.retry import retry
 from agent.stream.compress_thread import PipeDump, pump
-from agent.stream.early_buffer import ChannelLate, HeadStart
+from agent.stream.early_buffer import ChannelLate, EarlyBuffer
 from agent.stream.stages import DumpStalled, Progress, StreamResult, run_pipeline
 from common.compression import make_compressor
 from common.errors import (
     BackhaulError,
-    CollectorTrustError,
     DumpError,
     ExitCode,
-    RejectedError,
     TransportError,
 )
-from common.events import Abort, Ack, Begin, Data, End, Report, Stored
+from common.events import Abort, Begin, Data, End, Stored
 from common.text import escape_control
 
 if TYPE_CHECKING:  # the SSH stack loads in the background (agent.link.pending)
@@ -75,27 +72,9 @@ def run_exit_code(results: list[BackupResult]) -> ExitCode:
     return codes.pop() if len(codes) == 1 else ExitCode.FAILED
 
 
-def _worth_reporting_again(exc: BaseException) -> bool:
-    """A REPORT lost on the way is sent again, unless the collector will not have us."""
-    if isinstance(exc, RejectedError):
-        return exc.code == "busy"
-    return isinstance(exc, TransportError) and not isinstance(exc, CollectorTrustError)
-
-
 def _now() -> str:
     """The time now, as BEGIN and REPORT carry it (UTC, whole seconds)."""
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _reason(exc: BaseException) -> str:
-    """One word for metrics and alerts."""
-    if isinstance(exc, DumpError):
-        return "dump"
-    if isinstance(exc, RejectedError):
-        return exc.code
-    if isinstance(exc, TransportError):
-        return "transport"
-    return type(exc).__name__.removesuffix("Error").lower() or "error"
 
 
 class BackupRunner:
@@ -121,12 +100,12 @@ class BackupRunner:
                 if source_name is not None and source.name != source_name:
                     continue
                 results.extend(await self.run_source(source, database))
-            await self._collector()  # a run with nothing to send still needs the collector
+            await self._connected()  # a run with nothing to send still needs the collector
         except LinkDown as down:
             raise down.error from None
         return results
 
-    async def _collector(self) -> CollectorClient:
+    async def _connected(self) -> CollectorClient:
         """The connected client.
 
         Raises:
@@ -185,65 +164,44 @@ class BackupRunner:
 
     async def _stream(self, source: SourceConfig, adapter: Adapter, database: str,
                       size_estimate: int | None, metadata: dict[str, Any]) -> Stored:
+        """Dump ``database`` into a channel that opens meanwhile; the collector's STORED.
+
+        Raises:
+            LinkDown: the run's pending connection could not be made.
+            DumpError: the dump failed (the collector got ABORT, if the channel opened).
+            TransportError, RejectedError, RemoteProtocolError: the upload failed.
+        """
         if isinstance(self.client, PendingClient) and self.client.failed:
             await self.client.get()  # raises LinkDown: no dump for a run that is over
-        # When the dump whose bytes follow BEGIN started: now, as it starts while the
-        # channel opens (agent.stream.early_buffer); None once a dump is stopped to start again
-        # when the channel is open, so that BEGIN gives the time it goes out.
-        dump_started: str | None = _now()
-
-        def begin() -> Begin:
-            return Begin(
-                database=database, engine=adapter.engine, format=adapter.format,
-                compression=source.compression, started_at=dump_started or _now(),
-                size_estimate=size_estimate, source=source.name,
-            )
-
-        opening = asyncio.get_running_loop().create_task(self._open(begin))
-        gate = HeadStart(opening, _send_data)
+        begin = _BeginFacts(source, adapter, database, size_estimate)
+        opening = asyncio.get_running_loop().create_task(self._open(begin.event))
         try:
             progress = (self.progress_factory(database, size_estimate)
                         if self.progress_factory else Progress())
-            try:
-                while True:
-                    try:
-                        result, dump_meta = await _dump_into(gate.send, source, adapter,
-                                                             database, progress)
-                        break
-                    except ChannelLate as late:
-                        # Leaving the dump's context stopped the tool: no snapshot or
-                        # table lock is held while the connection is retried.
-                        log.warning("%s/%s: %s; stopped the dump, to start it again once "
-                                    "the collector answers", source.name,
-                                    escape_control(database), late)
-                        dump_started = None  # the backup's day is that of the next dump
-                        await asyncio.wait({opening})
-                        opening.result()  # the connection's error, if it never came
-                        gate = HeadStart(opening, _send_data)  # the stopped dump's bytes: dropped
-                        progress.raw_bytes = progress.sent_bytes = 0
-                channel = await gate.channel()
-            except DumpError as exc:
-                opened = await gate.opened()
-                if opened is not None:
-                    await self._abort(opened, str(exc),
-                                      "stall" if isinstance(exc, DumpStalled) else "dump")
-                raise
-            except TransportError:
-                opened = await gate.opened()
-                if opened is not None:
-                    await opened.early_answer(grace=5)  # a REJECT explains a cut channel
-                raise
-            end_meta = {**metadata, **dump_meta, "uncompressed_bytes": result.raw_bytes,
-                        "agent_host_time": datetime.now(UTC).isoformat()}
-            await channel.send(End(result.byte_count, result.sha256, end_meta))
-            stored = await channel.expect(Stored, timeout=VERDICT_TIMEOUT)
-            assert isinstance(stored, Stored)
-            if stored.sha256 != result.sha256 or stored.size != result.byte_count:
-                raise TransportError("collector's STORED does not match what was sent")
-            return stored
+            channel, result, dump_meta = await self._upload(begin, opening, progress)
+            return await _conclude(channel, result, {**metadata, **dump_meta})
         finally:
             if (opened := await settle(opening)) is not None:
                 opened.close()
+
+    async def _upload(self, begin: _BeginFacts, opening: asyncio.Task[Channel],
+                      progress: Progress) -> tuple[Channel, StreamResult, dict[str, Any]]:
+        """The dump, sent on the channel as it opens: the channel once all is on it, the
+        stream's totals and the dump's facts. A failed dump ends in ABORT; a channel cut
+        under the upload waits briefly for the REJECT that says why."""
+        early: EarlyBuffer[Channel] = EarlyBuffer(opening, _send_data)
+        try:
+            result, dump_meta = await _dump_until_done(early, begin, opening, progress)
+            return await early.channel(), result, dump_meta
+        except DumpError as exc:
+            if (opened := await early.opened()) is not None:
+                await self._abort(opened, str(exc),
+                                  "stall" if isinstance(exc, DumpStalled) else "dump")
+            raise
+        except TransportError:
+            if (opened := await early.opened()) is not None:
+                await opened.early_answer(grace=5)  # a REJECT explains a cut channel
+            raise
 
     async def _open(self, begin: Callable[[], Begin]) -> Channel:
         """A channel to the collector on which ``begin()`` is sent and answers are watched.
@@ -252,7 +210,7 @@ class BackupRunner:
             LinkDown: the run's pending connection could not be made.
             TransportError, RejectedError: the channel could not be opened.
         """
-        client = await self._collector()
+        client = await self._connected()
         channel = await client.channel()
         try:
             await channel.send(begin())
@@ -269,7 +227,7 @@ class BackupRunner:
             log.debug("could not send ABORT; the channel is already gone")
 
     async def _report(self, source: SourceConfig, database: str | None,
-                      exc: BaseException) -> None:
+                      exc: BackhaulError) -> None:
         """Tell the collector about a failure before any dump began.
 
         A report lost on the way (collector unreachable, connection broken, busy) is
@@ -278,36 +236,74 @@ class BackupRunner:
         log, and the collector's missing-backup alert covers the silence.
         """
         label = f"{source.name}/{escape_control(database or '*')}"
-        report = Report(
-            reason=_reason(exc), message=str(exc)[:1000], database=database,
-            source=source.name, at=_now(),
-        )
-        attempts = 0
-        client = await self._collector()
-
-        async def send() -> None:
-            nonlocal attempts
-            attempts += 1
-            if attempts > 1:
-                await client.reconnect()
-            await self._send_report(client, report)
+        client = await self._connected()
+        # Here, not at the top: the SSH stack is loaded by now (agent.link.pending).
+        from agent.link.requests import send_report
 
         try:
-            await retry(send, client.retry_policy,
-                        f"reporting the failure of {label} to the collector",
-                        _worth_reporting_again)
+            await send_report(client, kind="failure", reason=exc.reason, message=str(exc),
+                              database=database, source=source.name)
         except BackhaulError as err:
             log.error("could not report the failure of %s to the collector: %s", label, err)
         else:
             log.info("reported the failure of %s to the collector", label)
 
-    async def _send_report(self, client: CollectorClient, report: Report) -> None:
-        channel = await client.channel()
+
+@dataclass
+class _BeginFacts:
+    """What BEGIN says of one backup.
+
+    ``started_at`` is when the dump whose bytes follow BEGIN started: at first now, as
+    the dump starts while the channel opens (agent.stream.early_buffer); None once a dump
+    was stopped to start again when the channel is open, so that BEGIN gives the time it
+    goes out.
+    """
+
+    source: SourceConfig
+    adapter: Adapter
+    database: str
+    size_estimate: int | None
+    started_at: str | None = field(default_factory=_now)
+
+    def event(self) -> Begin:
+        return Begin(
+            database=self.database, engine=self.adapter.engine, format=self.adapter.format,
+            compression=self.source.compression, started_at=self.started_at or _now(),
+            size_estimate=self.size_estimate, source=self.source.name,
+        )
+
+
+async def _dump_until_done(early: EarlyBuffer[Channel], begin: _BeginFacts,
+                           opening: asyncio.Task[Channel],
+                           progress: Progress) -> tuple[StreamResult, dict[str, Any]]:
+    """Run the dump into ``early``; one stopped because the channel is late runs again
+    once the channel is open (its bytes dropped)."""
+    while True:
         try:
-            await channel.send(report)
-            await channel.expect(Ack, timeout=60)
-        finally:
-            channel.close()
+            return await _dump_into(early.send, begin.source, begin.adapter, begin.database,
+                                    progress)
+        except ChannelLate as late:
+            # Leaving the dump's context stopped the tool: no snapshot or table lock is
+            # held while the connection is retried.
+            log.warning("%s/%s: %s; stopped the dump, to start it again once the collector "
+                        "answers", begin.source.name, escape_control(begin.database), late)
+            begin.started_at = None  # the backup's day is that of the next dump
+            await asyncio.wait({opening})
+            opening.result()  # the connection's error, if it never came
+            early.drop()
+            progress.raw_bytes = progress.sent_bytes = 0
+
+
+async def _conclude(channel: Channel, result: StreamResult, meta: dict[str, Any]) -> Stored:
+    """END with the stream's totals; the collector's STORED, checked against them."""
+    end_meta = {**meta, "uncompressed_bytes": result.raw_bytes,
+                "agent_host_time": datetime.now(UTC).isoformat()}
+    await channel.send(End(result.byte_count, result.sha256, end_meta))
+    stored = await channel.expect(Stored, timeout=VERDICT_TIMEOUT)
+    assert isinstance(stored, Stored)
+    if stored.sha256 != result.sha256 or stored.size != result.byte_count:
+        raise TransportError("collector's STORED does not match what was sent")
+    return stored
 
 
 async def _dump_into(send: Callable[[bytes], Awaitable[None]], source: SourceConfig,

@@ -40,10 +40,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, SourceConfig, load_agent_config
 from agent.engines.adapters import adapter_for
-from agent.link.requests import ServiceClient, send_report
+from agent.link.abort_on_close import AbortOnCloseClient
+from agent.link.requests import send_report
 from agent.runner import BackupRunner
 from agent.schedule import Schedule, parse_schedule
-from common.errors import BackhaulError, ConfigError, DumpError, ExitCode, TransportError
+from common.errors import BackhaulError, ConfigError, ExitCode, TransportError
 from common.text import escape_control
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class AgentService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: set[asyncio.Task[Any]] = set()
         self._busy: set[tuple[str, str]] = set()
-        self._clients: set[ServiceClient] = set()
+        self._clients: set[AbortOnCloseClient] = set()
         self._wake = asyncio.Event()
         self._force = asyncio.Event()
         self._stopping = False
@@ -330,7 +331,7 @@ class AgentService:
             self._busy.discard(key)
 
     async def _backup_now(self, config: AgentConfig, source: SourceConfig, database: str) -> None:
-        client = ServiceClient(config)
+        client = AbortOnCloseClient(config)
         try:
             await client.connect()
         except TransportError as exc:
@@ -344,13 +345,13 @@ class AgentService:
             await client.close()
 
     async def _report(self, config: AgentConfig, source: SourceConfig, exc: BackhaulError) -> None:
-        client = ServiceClient(config)
+        client = AbortOnCloseClient(config)
         try:
             await client.connect()
             await send_report(
                 client,
                 kind="failure",
-                reason=_reason(exc),
+                reason=exc.reason,
                 message=str(exc),
                 database=None,
                 source=source.name,
@@ -399,11 +400,3 @@ class AgentService:
                 )
             finally:
                 forced.cancel()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, DumpError):
-        return "dump"
-    if isinstance(exc, TransportError):
-        return "transport"
-    return type(exc).__name__.removesuffix("Error").lower() or "error"

@@ -14,6 +14,11 @@
 Exit code 1 is kept for "several backups of one run failed for different reasons".
 Each family also has a protocol reject code, so the collector can tell the agent *why*
 in one word and the agent can map it back to a family.
+
+Each error also names itself in one word, ``reason``, which the agent puts in REPORTs
+(the collector counts it in a metrics label) and logs: the family's own word where it
+sets one (``dump`` for every DumpError, a stall included), else its class's name
+(``ConfigError`` → ``config``, ``CollectorUnreachableError`` → ``collectorunreachable``).
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ class BackhaulError(Exception):
 
     exit_code: ExitCode = ExitCode.FAILED
     reject_code: RejectCode = RejectCode.INTERNAL
+
+    @property
+    def reason(self) -> str:
+        """One word for REPORTs, metrics labels and logs (see the module docstring)."""
+        return type(self).__name__.removesuffix("Error").lower() or "error"
 
 
 class ConfigError(BackhaulError):
@@ -104,6 +114,7 @@ class DumpError(BackhaulError):
     """The database or its dump tool failed; carries the tool's exit status and stderr."""
 
     exit_code = ExitCode.DUMP
+    reason = "dump"  # the family's word, whatever the subclass
 
     def __init__(
         self, message: str, *, returncode: int | None = None, stderr: str = ""
@@ -128,11 +139,12 @@ class IntegrityError(BackhaulError):
 
 
 class RejectedError(BackhaulError):
-    """The collector answered REJECT; ``code`` is its one-word reason."""
+    """The collector answered REJECT: ``code`` is its one word (a RejectCode value, compare
+    with the enum), ``detail`` its sentence."""
 
     exit_code = ExitCode.REJECTED
 
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"collector rejected the backup ({code}): {reason}")
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"collector rejected the backup ({code}): {detail}")
         self.code = code
-        self.reason = reason
+        self.detail = detail

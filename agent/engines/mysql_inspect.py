@@ -134,45 +134,65 @@ def preflight(params: MySQLParams, database: str) -> MySQLPreflight:
             definitions), or a view is invalid.
     """
     with connect(params, database) as cur:
-        cur.execute("SELECT VERSION(), @@version_comment")
-        version, comment = cur.fetchone()
-        flavor: Literal["mariadb", "mysql"] = (
-            "mariadb" if "mariadb" in f"{version} {comment}".lower() else "mysql"
-        )
-        cur.execute(
-            "SELECT TABLE_NAME, TABLE_TYPE, ENGINE, "
-            "COALESCE(DATA_LENGTH, 0) + COALESCE(INDEX_LENGTH, 0) "
-            "FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s ORDER BY TABLE_NAME",
-            (database,),
-        )
-        rows = cur.fetchall()
-        tables = [str(r[0]) for r in rows if r[1] in _BASE_TABLE_TYPES]
-        views = [str(r[0]) for r in rows if r[1] == "VIEW"]
-        non_innodb = [
-            str(r[0])
-            for r in rows
-            if r[1] in _BASE_TABLE_TYPES and str(r[2] or "").lower() != "innodb"
-        ]
-        size = sum(int(r[3] or 0) for r in rows if r[1] in _BASE_TABLE_TYPES)
-        warnings = _check_privileges(cur, params, database, tables, views, flavor)
+        version, flavor = _server_version(cur)
+        found = _describe_tables(cur, database)
+        warnings = _check_privileges(cur, params, database, found.tables, found.views, flavor)
         binlog, binlog_warning = read_binlog_position(cur, flavor)
-    if non_innodb:
+    if found.non_innodb:
         warnings.insert(
             0,
-            f"tables not in InnoDB are not covered by the dump's snapshot: {_names(non_innodb)}",
+            "tables not in InnoDB are not covered by the dump's snapshot: "
+            f"{_names(found.non_innodb)}",
         )
     if binlog_warning:
         warnings.append(binlog_warning)
     return MySQLPreflight(
         database=database,
-        server_version=str(version),
+        server_version=version,
         engine_flavor=flavor,
-        tables=tables,
-        views=views,
-        non_innodb_tables=non_innodb,
-        size_estimate=size,
+        tables=found.tables,
+        views=found.views,
+        non_innodb_tables=found.non_innodb,
+        size_estimate=found.size,
         binlog=binlog,
         warnings=warnings,
+    )
+
+
+def _server_version(cur: Any) -> tuple[str, Literal["mariadb", "mysql"]]:
+    """The server's version string, and whether it is MariaDB or MySQL."""
+    cur.execute("SELECT VERSION(), @@version_comment")
+    version, comment = cur.fetchone()
+    flavor: Literal["mariadb", "mysql"] = (
+        "mariadb" if "mariadb" in f"{version} {comment}".lower() else "mysql"
+    )
+    return str(version), flavor
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """A database's base tables and views as information_schema lists them."""
+
+    tables: list[str]
+    views: list[str]
+    non_innodb: list[str]  # base tables the dump's snapshot does not cover
+    size: int  # data and index bytes of the base tables
+
+
+def _describe_tables(cur: Any, database: str) -> _Tables:
+    cur.execute(
+        "SELECT TABLE_NAME, TABLE_TYPE, ENGINE, "
+        "COALESCE(DATA_LENGTH, 0) + COALESCE(INDEX_LENGTH, 0) "
+        "FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s ORDER BY TABLE_NAME",
+        (database,),
+    )
+    rows = cur.fetchall()
+    base = [r for r in rows if r[1] in _BASE_TABLE_TYPES]
+    return _Tables(
+        tables=[str(r[0]) for r in base],
+        views=[str(r[0]) for r in rows if r[1] == "VIEW"],
+        non_innodb=[str(r[0]) for r in base if str(r[2] or "").lower() != "innodb"],
+        size=sum(int(r[3] or 0) for r in base),
     )
 
 
@@ -287,18 +307,7 @@ def _check_privileges(
     LOCK TABLES is not needed: the dump runs in one transaction and takes no locks.
     Returns warnings about what could not be verified.
     """
-    missing: list[str] = []
-    denied_select = [
-        name
-        for name in (*tables, *views)
-        # The dump reads every table and view; a zero-row SELECT proves it may.
-        if _denied(cur, f"SELECT 1 FROM {quote_identifier(name)} LIMIT 0")  # noqa: S608
-    ]
-    if denied_select:
-        missing.append(f"SELECT on {_names(denied_select)}")
-    denied_view = [v for v in views if _denied(cur, f"SHOW CREATE VIEW {quote_identifier(v)}")]
-    if denied_view:
-        missing.append(f"SHOW VIEW on {_names(denied_view)}")
+    missing = _missing_on_tables_and_views(cur, tables, views)
     grantees = _grantees(cur)
     if tables:
         no_trigger = _tables_without_trigger_privilege(cur, grantees, database, tables)
@@ -321,6 +330,25 @@ def _check_privileges(
         f"{database!r}; routines it cannot see are left out of the dump "
         f"({_ROUTINE_GRANT_HINT})"
     ]
+
+
+def _missing_on_tables_and_views(
+    cur: Any, tables: Sequence[str], views: Sequence[str]
+) -> list[str]:
+    """SELECT and SHOW VIEW the user lacks, each with the objects it lacks them on."""
+    missing: list[str] = []
+    denied_select = [
+        name
+        for name in (*tables, *views)
+        # The dump reads every table and view; a zero-row SELECT proves it may.
+        if _denied(cur, f"SELECT 1 FROM {quote_identifier(name)} LIMIT 0")  # noqa: S608
+    ]
+    if denied_select:
+        missing.append(f"SELECT on {_names(denied_select)}")
+    denied_view = [v for v in views if _denied(cur, f"SHOW CREATE VIEW {quote_identifier(v)}")]
+    if denied_view:
+        missing.append(f"SHOW VIEW on {_names(denied_view)}")
+    return missing
 
 
 def _hidden_routines(

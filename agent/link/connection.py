@@ -23,6 +23,7 @@ from agent.link.retry import RetryPolicy, retry
 from common.errors import (
     CollectorTrustError,
     CollectorUnreachableError,
+    RejectCode,
     RejectedError,
     RemoteProtocolError,
     TransportError,
@@ -47,7 +48,7 @@ _TRANSIENT_DISCONNECTS = frozenset({
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying later may cure ``exc`` (the collector away or busy)."""
     if isinstance(exc, RejectedError):
-        return exc.code == "busy"
+        return exc.code == RejectCode.BUSY
     return isinstance(exc, CollectorUnreachableError)
 
 
@@ -217,66 +218,87 @@ class CollectorClient:
             ) from None
 
     async def _connect_once(self) -> None:
+        """One attempt at the SSH connection.
+
+        Raises:
+            As :meth:`connect`.
+        """
+        keys = self._client_keys()
+        try:
+            self._conn = await self._ssh_connect(keys)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            raise self._connect_error(exc) from None
+
+    def _client_keys(self) -> list[Any]:
+        """The agent's key, paired with its certificate when it has one.
+
+        Raises:
+            TransportError: the key or certificate cannot be read.
+        """
         endpoint = self.config.collector
-        where = self.where
         try:
             key = asyncssh.read_private_key(str(endpoint.client_key))
-            keys: list[Any] = [key]
             certificate = endpoint.client_certificate
             beside = endpoint.client_key.with_name(endpoint.client_key.name + "-cert.pub")
             if certificate is None and beside.exists():  # as ssh(1) and backhaul-certs do
                 certificate = beside
             if certificate is not None:
-                keys = [(key, asyncssh.read_certificate(str(certificate)))]
+                return [(key, asyncssh.read_certificate(str(certificate)))]
         except (OSError, asyncssh.KeyImportError, ValueError) as exc:
             raise TransportError(f"cannot read the agent key {endpoint.client_key}: {exc}") \
                 from None
-        try:
-            self._conn = await asyncssh.connect(
-                endpoint.host,
-                endpoint.port,
-                username=self.config.name,
-                client_keys=keys,
-                known_hosts=_known_hosts(self.config),
-                agent_path=None,
-                config=[],
-                password=None,
-                kbdint_auth=False,
-                connect_timeout=endpoint.connect_timeout,
-                keepalive_interval=30,
-                keepalive_count_max=4,
-                encoding=None,
-                max_pktsize=256 * 1024,
-                window=8 * 1024 * 1024,
-                # AES-GCM runs on the CPU's AES instructions: about twice chacha20's rate
-                # here, and the bulk of a backup's CPU besides the dump and zstd is SSH.
-                encryption_algs=PREFERRED_CIPHERS,
-            )
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise CollectorTrustError(
+        return [key]
+
+    async def _ssh_connect(self, keys: list[Any]) -> asyncssh.SSHClientConnection:
+        endpoint = self.config.collector
+        return await asyncssh.connect(
+            endpoint.host,
+            endpoint.port,
+            username=self.config.name,
+            client_keys=keys,
+            known_hosts=_known_hosts(self.config),
+            agent_path=None,
+            config=[],
+            password=None,
+            kbdint_auth=False,
+            connect_timeout=endpoint.connect_timeout,
+            keepalive_interval=30,
+            keepalive_count_max=4,
+            encoding=None,
+            max_pktsize=256 * 1024,
+            window=8 * 1024 * 1024,
+            # AES-GCM runs on the CPU's AES instructions: about twice chacha20's rate
+            # here, and the bulk of a backup's CPU besides the dump and zstd is SSH.
+            encryption_algs=PREFERRED_CIPHERS,
+        )
+
+    def _connect_error(self, exc: BaseException) -> TransportError:
+        """What a failed connection attempt means to the agent: the family says whether
+        retrying may help (see the module docstring)."""
+        where = self.where
+        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+            return CollectorTrustError(
                 f"collector {where} presented a host key that does not match the pinned "
                 f"one; refusing to connect ({exc.reason})"
-            ) from None
-        except asyncssh.PermissionDenied:
-            raise CollectorTrustError(
+            )
+        if isinstance(exc, asyncssh.PermissionDenied):
+            return CollectorTrustError(
                 f"collector {where} refused this agent's key (is agent "
                 f"{self.config.name!r} configured there with this public key?)"
-            ) from None
-        except asyncssh.DisconnectError as exc:
+            )
+        if isinstance(exc, asyncssh.DisconnectError):
             error = TransportError
             if isinstance(exc, asyncssh.ConnectionLost) or exc.code in _TRANSIENT_DISCONNECTS:
                 error = CollectorUnreachableError
-            raise error(f"SSH connection to {where} failed: {exc.reason}") from None
-        except asyncssh.Error as exc:
-            raise TransportError(f"SSH connection to {where} failed: {exc.reason}") from None
-        except (OSError, TimeoutError) as exc:
-            errno = getattr(exc, "errno", None)
-            # asyncio's own strerror ("Connect call failed (...)") says less than errno's.
-            reason = (os.strerror(errno) if errno else None) or str(exc)
-            if not reason:
-                reason = f"no answer in {endpoint.connect_timeout:.0f} s"
-            raise CollectorUnreachableError(f"cannot reach collector {where}: {reason}") \
-                from None
+            return error(f"SSH connection to {where} failed: {exc.reason}")
+        if isinstance(exc, asyncssh.Error):
+            return TransportError(f"SSH connection to {where} failed: {exc.reason}")
+        errno = getattr(exc, "errno", None)
+        # asyncio's own strerror ("Connect call failed (...)") says less than errno's.
+        reason = (os.strerror(errno) if errno else None) or str(exc)
+        if not reason:
+            reason = f"no answer in {self.config.collector.connect_timeout:.0f} s"
+        return CollectorUnreachableError(f"cannot reach collector {where}: {reason}")
 
     async def reconnect(self) -> None:
         """Drop the connection, if any, and connect again: one attempt, no retries.

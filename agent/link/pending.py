@@ -58,8 +58,8 @@ class PendingClient:
     async def _connect(self) -> CollectorClient:
         # In a thread: the import would otherwise hold the event loop, and with it the
         # dump's output, for as long as it takes.
-        remote = await asyncio.to_thread(importlib.import_module, "agent.link.requests")
-        client = cast("CollectorClient", remote.ServiceClient(self.config))
+        module = await asyncio.to_thread(importlib.import_module, "agent.link.abort_on_close")
+        client = cast("CollectorClient", module.AbortOnCloseClient(self.config))
         self._client = client
         await client.connect()
         return client

@@ -3,15 +3,11 @@
 A FETCH is checked while it streams against the manifest that FETCH_META carries (the
 size and SHA-256 recorded when the backup was stored) and against END: more bytes than
 the manifest's size stop it at once, and a wrong count or digest at the end is an
-:class:`~common.errors.IntegrityError`. :class:`ServiceClient` is the collector client
-for long-running and interactive use: a channel closed in the middle of an upload (the
-agent stopping, Ctrl-C) sends ABORT first, so the collector records why and keeps nothing.
+:class:`~common.errors.IntegrityError`. A REPORT lost on the way is sent again.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -19,18 +15,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncssh
-
-from agent.link.connection import Channel, CollectorClient
-from common.errors import BackhaulError, IntegrityError, RemoteProtocolError
-from common.events import SHA256_RE, Abort, Ack, Data, End, FetchMeta, Listing, ListRequest, Report
+from agent.link.connection import CollectorClient
+from agent.link.retry import retry
+from common.errors import (
+    CollectorTrustError,
+    IntegrityError,
+    RejectCode,
+    RejectedError,
+    RemoteProtocolError,
+    TransportError,
+)
+from common.events import SHA256_RE, Ack, Data, End, FetchMeta, Listing, ListRequest, Report
 from common.events import Fetch as FetchRequest
-from common.protocol import State
+from common.text import escape_control
 
 log = logging.getLogger(__name__)
 ANSWER_TIMEOUT = 120.0
 FETCH_IDLE_TIMEOUT = 300.0
-CLOSE_GRACE = 15.0  # a slow link may hold several MiB ahead of the ABORT; systemd allows 120 s
 
 
 async def list_backups(client: CollectorClient, database: str) -> list[dict[str, Any]]:
@@ -141,78 +142,47 @@ async def send_report(
 ) -> None:
     """Tell the collector about a failure or a drill's result; waits for its ACK.
 
+    A report lost on the way (collector unreachable, connection broken, busy) is sent
+    again on a new connection, with backoff (``[collector] retries``, ``retry_backoff``);
+    one the collector will not have (keys not trusted, another REJECT) is not.
+
     Raises:
         TransportError, RejectedError, RemoteProtocolError: the report did not arrive.
     """
+    report = Report(
+        reason=reason[:64],
+        message=message[:1000],
+        database=database,
+        source=source,
+        at=datetime.now(UTC).isoformat(timespec="seconds"),
+        kind=kind,
+    )
+    what = "the failure" if kind == "failure" else "the drill"
+    label = f"{source or '*'}/{escape_control(database or '*')}"
+    attempts = 0
+
+    async def send() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 1:
+            await client.reconnect()
+        await _deliver(client, report)
+
+    await retry(send, client.retry_policy, f"reporting {what} of {label} to the collector",
+                _worth_reporting_again)
+
+
+def _worth_reporting_again(exc: BaseException) -> bool:
+    """A REPORT lost on the way is sent again, unless the collector will not have us."""
+    if isinstance(exc, RejectedError):
+        return exc.code == RejectCode.BUSY
+    return isinstance(exc, TransportError) and not isinstance(exc, CollectorTrustError)
+
+
+async def _deliver(client: CollectorClient, report: Report) -> None:
     channel = await client.channel()
     try:
-        await channel.send(
-            Report(
-                reason=reason[:64],
-                message=message[:1000],
-                database=database,
-                source=source,
-                at=datetime.now(UTC).isoformat(timespec="seconds"),
-                kind=kind,
-            )
-        )
+        await channel.send(report)
         await channel.expect(Ack, timeout=ANSWER_TIMEOUT)
     finally:
         channel.close()
-
-
-class AbortingChannel(Channel):
-    """A channel that, closed in the middle of an upload, sends ABORT before it goes."""
-
-    def __init__(
-        self,
-        writer: asyncssh.SSHWriter[bytes],
-        reader: asyncssh.SSHReader[bytes],
-        client: ServiceClient,
-    ) -> None:
-        super().__init__(writer, reader)
-        self._client = client
-        self._ssh_channel = writer.channel
-
-    def close(self) -> None:
-        if self.protocol.state is State.UPLOADING:
-            # A frame is written whole or not at all, so ABORT may follow any DATA.
-            with contextlib.suppress(BackhaulError, asyncssh.Error, OSError):
-                abort = Abort(self._client.abort_reason, "interrupted")
-                self._ssh_channel.write(self.protocol.send(abort))
-                log.info("upload interrupted: ABORT sent (%s)", self._client.abort_reason)
-        super().close()
-
-    async def wait_closed(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError, asyncssh.Error, OSError):
-            async with asyncio.timeout(timeout):
-                await self._ssh_channel.wait_closed()
-
-
-class ServiceClient(CollectorClient):
-    """A collector client whose interrupted uploads end in ABORT, flushed before closing."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.abort_reason = "backup interrupted on the agent"
-        self._channels: set[AbortingChannel] = set()
-
-    async def channel(self) -> Channel:
-        """As :meth:`CollectorClient.channel`, with ABORT on an interrupted upload.
-
-        Raises:
-            TransportError: the channel cannot be opened.
-            RejectedError: the collector refused (busy, version).
-        """
-        writer, reader = await self.open_session()
-        channel = AbortingChannel(writer, reader, self)
-        self._channels.add(channel)
-        await channel.handshake()
-        return channel
-
-    async def close(self) -> None:
-        """Let closing channels deliver what they still hold (an ABORT), then disconnect."""
-        channels, self._channels = self._channels, set()
-        if channels:
-            await asyncio.gather(*(c.wait_closed(CLOSE_GRACE) for c in channels))
-        await super().close()

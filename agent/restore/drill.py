@@ -48,14 +48,13 @@ from agent.link.requests import list_backups, send_report
 from agent.restore.mysql_schema import may_skip_binlog
 from agent.restore.restore import (
     MeterFactory,
-    NoBackupError,
     choose_backup,
     loader_for,
     pick_source,
     restore_backup,
 )
 from agent.restore.targets import Loader, MongoLoader, MySQLLoader
-from common.errors import BackhaulError, DumpError, ExitCode, IntegrityError
+from common.errors import BackhaulError, DumpError, ExitCode
 from common.text import escape_control
 
 log = logging.getLogger(__name__)
@@ -90,6 +89,12 @@ class DrillResult:
         if self.reason in ("restore", "cleanup"):
             return ExitCode.DUMP
         return ExitCode.FAILED
+
+    @classmethod
+    def stopped_by(cls, exc: BackhaulError, backup: str | None) -> DrillResult:
+        """The failed drill ``exc`` ended: the error's reason, except that the dump
+        family's tools here are the restore's."""
+        return cls(False, "restore" if isinstance(exc, DumpError) else exc.reason, str(exc), backup)
 
     def line(self) -> str:
         status = "drill passed" if self.ok else f"DRILL FAILED ({self.reason})"
@@ -248,10 +253,8 @@ async def _drill(
         summary = choose_backup(summaries, database, source.engine)
         backup = str(summary["name"])
         scratch = await _free_scratch(loader, database)
-    except NoBackupError as exc:
-        return DrillResult(False, "no_backup", str(exc))
     except BackhaulError as exc:
-        return DrillResult(False, _reason(exc), str(exc), backup)
+        return DrillResult.stopped_by(exc, backup)
     log.info("restore drill of %s into scratch database %s", backup, scratch)
     try:
         outcome = await restore_backup(client, summary, loader, scratch, replace=False, meter=meter)
@@ -260,7 +263,7 @@ async def _drill(
             comparison.ok, "ok" if comparison.ok else "mismatch", comparison.message, backup
         )
     except BackhaulError as exc:
-        result = DrillResult(False, _reason(exc), str(exc), backup)
+        result = DrillResult.stopped_by(exc, backup)
     finally:
         cleanup = await _drop(loader, scratch)
     if cleanup is not None:
@@ -310,12 +313,3 @@ async def _drop(loader: Loader, scratch: str) -> str | None:
         return f"the scratch database {scratch} could not be dropped: {exc}"
     log.info("dropped scratch database %s", scratch)
     return None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, IntegrityError):
-        return "integrity"
-    if isinstance(exc, DumpError):
-        return "restore"
-    name = type(exc).__name__.removesuffix("Error").lower()
-    return name or "error"

@@ -40,6 +40,7 @@ class NoBackupError(BackhaulError):
     """The collector holds no backup that fits the request."""
 
     exit_code = ExitCode.FAILED
+    reason = "no_backup"
 
 
 class MeterFactory(Protocol):
@@ -196,26 +197,63 @@ async def restore_backup(
     Raises:
         As :func:`restore`.
     """
+    name = str(summary["name"])
+    verified = await _verify(client, summary, meter)
+    log.info("%s verified: %d bytes, sha256 %s", name, verified.byte_count, verified.sha256)
+    await loader.prepare(target, replace=replace)
+    loaded, output_bytes = await _load(client, summary, loader, target, meter)
+    if loaded.sha256 != verified.sha256:
+        raise IntegrityError(f"{name} changed on the collector between verifying and loading")
+    log.info("%s loaded into %r", name, target)
+    return RestoreOutcome(
+        name, target, loaded.byte_count, loaded.sha256, output_bytes, loaded.manifest
+    )
+
+
+async def _verify(
+    client: CollectorClient, summary: dict[str, Any], meter: MeterFactory | None
+) -> Fetched:
+    """The first pass: the whole backup fetched and checked, nothing loaded.
+
+    Raises:
+        IntegrityError: the backup or its manifest is damaged.
+        TransportError, RejectedError, RemoteProtocolError: the fetch failed.
+    """
     name, database = str(summary["name"]), str(summary["database"])
     fmt, compression = _kind(name)
-    first = IntegrityChecker(fmt, compression, DEFAULT_MAX_RATIO)
+    checker = IntegrityChecker(fmt, compression, DEFAULT_MAX_RATIO)
 
     async def check(chunk: bytes) -> None:
-        await asyncio.to_thread(first.feed, chunk)
+        await asyncio.to_thread(checker.feed, chunk)
 
     verified = await fetch(
         client, database, name, check, progress=_advance(meter, f"verifying {name}", summary)
     )
-    first.finish(verified.byte_count, verified.sha256)
+    checker.finish(verified.byte_count, verified.sha256)
     _check_manifest(verified, summary, fmt, compression)
-    log.info("%s verified: %d bytes, sha256 %s", name, verified.byte_count, verified.sha256)
-    await loader.prepare(target, replace=replace)
+    return verified
+
+
+async def _load(
+    client: CollectorClient,
+    summary: dict[str, Any],
+    loader: Loader,
+    target: str,
+    meter: MeterFactory | None,
+) -> tuple[Fetched, int]:
+    """The second pass: the backup fetched again into ``target``, checked the same way;
+    what was fetched and how many bytes it decompressed to.
+
+    Raises:
+        As :func:`restore`.
+    """
+    name, database = str(summary["name"]), str(summary["database"])
     pieces: list[bytes] = []
-    second = IntegrityChecker(fmt, compression, DEFAULT_MAX_RATIO, sink=pieces.append)
+    checker = IntegrityChecker(*_kind(name), DEFAULT_MAX_RATIO, sink=pieces.append)
     async with loader.load(target) as sink:
 
         async def take(chunk: bytes) -> None:
-            await asyncio.to_thread(second.feed, chunk)
+            await asyncio.to_thread(checker.feed, chunk)
             for piece in pieces:
                 await sink.write(piece)
             pieces.clear()
@@ -224,16 +262,11 @@ async def restore_backup(
             loaded = await fetch(
                 client, database, name, take, progress=_advance(meter, f"loading {name}", summary)
             )
-            facts = second.finish(loaded.byte_count, loaded.sha256)
+            facts = checker.finish(loaded.byte_count, loaded.sha256)
         except IntegrityError as exc:
             raise IntegrityError(f"{exc} (while loading: {target!r} may hold part of it)") from None
         await sink.finish()
-    if loaded.sha256 != verified.sha256:
-        raise IntegrityError(f"{name} changed on the collector between verifying and loading")
-    log.info("%s loaded into %r", name, target)
-    return RestoreOutcome(
-        name, target, loaded.byte_count, loaded.sha256, facts["uncompressed_bytes"], loaded.manifest
-    )
+    return loaded, int(facts["uncompressed_bytes"])
 
 
 def _advance(

@@ -91,6 +91,43 @@ class _Worker:
         self._deliver(item)
 
 
+class _Thread:
+    """The worker's thread and its hand-over to the event loop (``pieces``)."""
+
+    def __init__(self, reader: PipeReader, compressor: Compressor) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._reader = reader
+        self.pieces: asyncio.Queue[_Piece | BaseException] = asyncio.Queue()
+        self.worker = _Worker(reader, compressor, self._deliver)
+        self._ended = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name="backhaul-dump-pump",
+                                        daemon=True)
+
+    def _deliver(self, item: _Piece | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            self._loop.call_soon_threadsafe(self.pieces.put_nowait, item)
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._ended.set)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the thread and wait for it: it never outlives :func:`pump`."""
+        self._reader.stop()  # the thread notices within the reader's poll interval
+        try:
+            await asyncio.shield(self._ended.wait())
+        finally:
+            # Its last step is done; joining takes no time. Cancelled again while
+            # waiting, this still leaves no thread behind: the dump's pipe closes next.
+            self._thread.join(timeout=2 * POLL_INTERVAL)
+
+
 async def pump(
     dump: PipeDump,
     compressor: Compressor,
@@ -108,52 +145,33 @@ async def pump(
         DumpError: the dump failed, stalled or could not be read.
         Whatever ``send`` raises (transport errors, a collector REJECT).
     """
-    progress = progress or Progress()
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[_Piece | BaseException] = asyncio.Queue()
-    reader = dump.pipe_reader()
-
-    def deliver(item: _Piece | BaseException) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
-
-    worker = _Worker(reader, compressor, deliver)
-    ended = asyncio.Event()
-
-    def run() -> None:
-        try:
-            worker.run()
-        finally:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(ended.set)
-
-    thread = threading.Thread(target=run, name="backhaul-dump-pump", daemon=True)
+    thread = _Thread(dump.pipe_reader(), compressor)
     thread.start()
     try:
-        while True:
-            item = await _next(pieces, stall_timeout)
-            worker.slots.release()
-            if isinstance(item, BaseException):
-                raise item
-            if item.raw:
-                dump.note_read(item.raw)
-                progress.raw_bytes += item.raw
-            if item.last:
-                await dump.finish()  # the exit status, before the last bytes go out
-            if item.out:
-                await send(item.out)
-                progress.sent_bytes += len(item.out)
-            if item.last:
-                return StreamResult(progress.raw_bytes, progress.sent_bytes,
-                                    worker.digest.hexdigest())
+        return await _send_pieces(thread, dump, send, stall_timeout, progress or Progress())
     finally:
-        reader.stop()  # the thread notices within the reader's poll interval
-        try:
-            await asyncio.shield(ended.wait())
-        finally:
-            # Its last step is done; joining takes no time. Cancelled again while
-            # waiting, this still leaves no thread behind: the dump's pipe closes next.
-            thread.join(timeout=2 * POLL_INTERVAL)
+        await thread.stop()
+
+
+async def _send_pieces(thread: _Thread, dump: PipeDump, send: Callable[[bytes], Awaitable[None]],
+                       stall_timeout: float, progress: Progress) -> StreamResult:
+    """Send what the thread hands over, in order, through its last piece."""
+    while True:
+        item = await _next(thread.pieces, stall_timeout)
+        thread.worker.slots.release()
+        if isinstance(item, BaseException):
+            raise item
+        if item.raw:
+            dump.note_read(item.raw)
+            progress.raw_bytes += item.raw
+        if item.last:
+            await dump.finish()  # the exit status, before the last bytes go out
+        if item.out:
+            await send(item.out)
+            progress.sent_bytes += len(item.out)
+        if item.last:
+            return StreamResult(progress.raw_bytes, progress.sent_bytes,
+                                thread.worker.digest.hexdigest())
 
 
 async def _next(pieces: asyncio.Queue[_Piece | BaseException],

@@ -2,14 +2,14 @@
 
 The runner starts the dump tool at once and opens the channel (for a run's first
 backup, the SSH connection too) at the same time. What the dump makes meanwhile
-waits here, up to :data:`HEAD_START` bytes; then sending waits for the channel, the
+waits here, up to :data:`HOLD_LIMIT` bytes; then sending waits for the channel, the
 pump's hand-over fills and the dump tool blocks, as with a slow link. A one-shot
 ``backhaul-agent backup`` spends a fifth of a second importing the SSH stack and
 connecting: about two per cent of a 1 GB backup, which the dump now does meanwhile.
 
 A blocked dump tool keeps its snapshot open and the table it is in locked against DDL
 (an ALTER waits, and every query on that table queues behind it). When the collector
-is down the connection is retried for half a minute or more, so a full head start
+is down the connection is retried for half a minute or more, so a full early buffer
 waits at most :data:`PATIENCE` seconds for the channel, then raises
 :class:`ChannelLate`: the runner stops that dump and starts it again once connected.
 """
@@ -22,17 +22,17 @@ from typing import Generic, TypeVar
 
 from common.errors import BackhaulError
 
-HEAD_START = 8 * 1024 * 1024  # compressed bytes held while the channel opens
-PATIENCE = 5.0  # seconds a full head start waits for the channel before giving up
+HOLD_LIMIT = 8 * 1024 * 1024  # compressed bytes held while the channel opens
+PATIENCE = 5.0  # seconds a full early buffer waits for the channel before giving up
 
 C = TypeVar("C")
 
 
 class ChannelLate(Exception):
-    """The head start is full and the channel is still not open: stop the dump."""
+    """The early buffer is full and the channel is still not open: stop the dump."""
 
 
-class HeadStart(Generic[C]):
+class EarlyBuffer(Generic[C]):
     """Holds ``send`` calls until ``opening`` gives a channel, then sends in order.
 
     An ``opening`` that fails raises its error from the next :meth:`send` (or from
@@ -42,7 +42,7 @@ class HeadStart(Generic[C]):
     """
 
     def __init__(self, opening: asyncio.Future[C],
-                 send: Callable[[C, bytes], Awaitable[None]], limit: int = HEAD_START,
+                 send: Callable[[C, bytes], Awaitable[None]], limit: int = HOLD_LIMIT,
                  patience: float = PATIENCE) -> None:
         self._opening = opening
         self._send = send
@@ -94,6 +94,11 @@ class HeadStart(Generic[C]):
                 await self._send(channel, data)
             self._channel = channel
         return self._channel
+
+    def drop(self) -> None:
+        """Forget what is held: the dump that made it was stopped (:class:`ChannelLate`)."""
+        self._held.clear()
+        self._held_bytes = 0
 
     async def opened(self) -> C | None:
         """The channel if it opens, without sending what is held; None if opening it

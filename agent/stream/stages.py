@@ -68,40 +68,56 @@ async def run_pipeline(
         DumpError: the dump failed or stalled (from ``chunks``).
         Whatever ``send`` raises (transport errors, a collector REJECT).
     """
-    progress = progress or Progress()
-    digest = hashlib.sha256()
-    raw_q: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_DEPTH)
-    out_q: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_DEPTH)
+    stages = _Stages(compressor, progress or Progress())
+    await _run_all(stages.read(chunks, stall_timeout), stages.squeeze(), stages.ship(send))
+    return stages.result()
 
-    def compress(chunk: bytes) -> bytes:
-        out = compressor.compress(chunk) if chunk else compressor.flush()
-        digest.update(out)
-        return out
 
-    async def read() -> None:
+class _Stages:
+    """The stages of one stream and what they share: two bounded queues, the digest and
+    the counters. A chunk of ``_DONE`` ends each queue."""
+
+    def __init__(self, compressor: Compressor, progress: Progress) -> None:
+        self._compressor = compressor
+        self._progress = progress
+        self._digest = hashlib.sha256()
+        self._raw: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_DEPTH)
+        self._out: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_DEPTH)
+
+    async def read(self, chunks: AsyncIterator[bytes], stall_timeout: float) -> None:
+        """The dump's chunks into the raw queue."""
         while (chunk := await _next_with_stall(chunks, stall_timeout)) is not None:
             if chunk:
-                progress.raw_bytes += len(chunk)
-                await raw_q.put(chunk)
-        await raw_q.put(_DONE)
+                self._progress.raw_bytes += len(chunk)
+                await self._raw.put(chunk)
+        await self._raw.put(_DONE)
 
-    async def squeeze() -> None:
+    async def squeeze(self) -> None:
+        """The raw queue through compression and SHA-256 (in a worker thread) into the
+        out queue; the end flushes the compressor."""
         while True:
-            chunk = await raw_q.get()
-            out = await asyncio.to_thread(compress, chunk)
+            chunk = await self._raw.get()
+            out = await asyncio.to_thread(self._compress, chunk)
             if out:
-                await out_q.put(out)
+                await self._out.put(out)
             if chunk is _DONE or not chunk:
-                await out_q.put(_DONE)
+                await self._out.put(_DONE)
                 return
 
-    async def ship() -> None:
-        while out := await out_q.get():
-            await send(out)
-            progress.sent_bytes += len(out)
+    def _compress(self, chunk: bytes) -> bytes:
+        out = self._compressor.compress(chunk) if chunk else self._compressor.flush()
+        self._digest.update(out)
+        return out
 
-    await _run_all(read(), squeeze(), ship())
-    return StreamResult(progress.raw_bytes, progress.sent_bytes, digest.hexdigest())
+    async def ship(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        """The out queue into ``send``."""
+        while out := await self._out.get():
+            await send(out)
+            self._progress.sent_bytes += len(out)
+
+    def result(self) -> StreamResult:
+        return StreamResult(self._progress.raw_bytes, self._progress.sent_bytes,
+                            self._digest.hexdigest())
 
 
 async def _run_all(*stages: Awaitable[None]) -> None:

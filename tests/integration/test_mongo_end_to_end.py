@@ -534,7 +534,7 @@ async def test_collector_rejects_an_archive_with_a_flipped_document_byte(
         with pytest.raises(RejectedError) as caught:
             await send_raw_backup(deployment, port, "e2e_lab", payload)
     assert caught.value.code == "integrity"
-    assert "CRC mismatch for e2e_lab.results" in caught.value.reason
+    assert "CRC mismatch for e2e_lab.results" in caught.value.detail
     assert stored_files(deployment.store) == []
     collector_log = log_text(deployment.collector_logs)
     assert "failed (integrity)" in collector_log and "CRC mismatch" in collector_log
@@ -549,6 +549,6 @@ async def test_collector_rejects_an_archive_missing_its_last_eof_block(
         with pytest.raises(RejectedError) as caught:
             await send_raw_backup(deployment, port, "e2e_lab", payload)
     assert caught.value.code == "integrity"
-    assert "e2e_lab.samples" in caught.value.reason
+    assert "e2e_lab.samples" in caught.value.detail
     assert stored_files(deployment.store) == []
     assert "failed (integrity)" in log_text(deployment.collector_logs)

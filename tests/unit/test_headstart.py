@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.stream.early_buffer import ChannelLate, HeadStart
+from agent.stream.early_buffer import ChannelLate, EarlyBuffer
 from common.errors import RejectedError
 
 
@@ -36,7 +36,7 @@ class Opening(asyncio.Future[Channel]):
 
 async def test_bytes_made_before_the_channel_opens_go_out_first_and_in_order() -> None:
     opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
-    gate = HeadStart(asyncio.ensure_future(opened), record, limit=100)
+    gate = EarlyBuffer(asyncio.ensure_future(opened), record, limit=100)
 
     await gate.send(b"one")
     await gate.send(b"two")
@@ -53,7 +53,7 @@ async def test_bytes_made_before_the_channel_opens_go_out_first_and_in_order() -
 
 async def test_sending_waits_for_the_channel_once_the_limit_is_reached() -> None:
     opened = Opening()
-    gate = HeadStart(opened, record, limit=10)
+    gate = EarlyBuffer(opened, record, limit=10)
     await gate.send(b"x" * 8)
     assert not opened.awaited.is_set(), "8 bytes fit in the head start"
 
@@ -74,7 +74,7 @@ async def test_a_full_head_start_gives_up_after_its_patience_and_leaves_opening_
     opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
     opening = asyncio.ensure_future(opened)
     # The patience is what is tested: the send must give up once it has run out.
-    gate = HeadStart(opening, record, limit=10, patience=0.1)
+    gate = EarlyBuffer(opening, record, limit=10, patience=0.1)
     await gate.send(b"x" * 8)
     started = asyncio.get_running_loop().time()
     with pytest.raises(ChannelLate, match=r"after 0\.1 s with 8 bytes held"):
@@ -83,14 +83,14 @@ async def test_a_full_head_start_gives_up_after_its_patience_and_leaves_opening_
     assert not opening.done(), "the connection goes on being made"
     channel = Channel()
     opened.set_result(channel)
-    again = HeadStart(opening, record, limit=10, patience=0.1)  # the dump, started anew
+    again = EarlyBuffer(opening, record, limit=10, patience=0.1)  # the dump, started anew
     await again.send(b"z")
     assert channel.sent == [b"z"], "what the stopped dump made is dropped"
 
 
 async def test_a_dump_that_ends_within_the_head_start_is_sent_when_the_channel_opens() -> None:
     opened = Opening()
-    gate = HeadStart(opened, record, limit=100)
+    gate = EarlyBuffer(opened, record, limit=100)
     await gate.send(b"whole dump")
 
     waiting = asyncio.create_task(gate.channel())
@@ -110,7 +110,7 @@ async def test_a_channel_that_cannot_open_fails_the_next_send_and_drops_what_was
         raise RejectedError("busy", "too many uploads")
 
     opening = asyncio.create_task(refuse())
-    gate = HeadStart(opening, record, limit=100)
+    gate = EarlyBuffer(opening, record, limit=100)
     await gate.send(b"early")
     assert gate.held_bytes == 5
     refused.set()
@@ -130,7 +130,7 @@ async def test_opened_gives_the_channel_without_sending_what_is_held() -> None:
     async def open_channel() -> Channel:
         return channel
 
-    gate = HeadStart(asyncio.create_task(open_channel()), record, limit=100)
+    gate = EarlyBuffer(asyncio.create_task(open_channel()), record, limit=100)
     await gate.send(b"held")
     assert await gate.opened() is channel
     assert channel.sent == [], "an ABORT after a failed dump must not follow its bytes"
