@@ -33,6 +33,7 @@ from harness import Deployment, log_text, mysql_source, run_cli, running_collect
 from mariadb_server import MariaDBServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.db_lock import DatabaseLock
 from agent.run_state import RunState
 
 pytestmark = pytest.mark.integration
@@ -374,3 +375,24 @@ async def test_one_shot_backup_during_the_service_backup_is_refused_or_waits(
         start, end = events[index], events[index + 1]
         assert (start[0], end[0]) == ("start", "end") and start[1] == end[1], events
     assert len(backups(deployment.store, "db1", "tricky")) == len(events) // 2
+
+
+@pytest.mark.parametrize("command", ["restore", "drill"])
+async def test_restore_or_drill_of_a_locked_database_is_refused_touching_nothing(
+    mariadb: MariaDBServer, deployment: Deployment, tmp_path: Path, command: str
+) -> None:
+    """A restore into, or a drill of, a database whose lock another process holds (as
+    the service does while backing it up) exits 1 naming the holder; the collector,
+    never started here, is not even needed to say so."""
+    config = agent_config(deployment, free_port(), mariadb, tmp_path, '["hospital"]', "")
+    lock = DatabaseLock(deployment.agent_run, "main", "hospital", "backhaul-agent run")
+    assert lock.try_acquire() is None
+    try:
+        run = await run_cli(command, "--config", str(config), "--database", "hospital")
+    finally:
+        lock.release()
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert re.search(r"main/hospital is busy: pid \d+ \(backhaul-agent run\) since ",
+                     run.stderr), run.stderr
+    assert "Traceback" not in run.stderr
+    assert "cannot reach collector" not in run.stderr + log_text(deployment.agent_logs)
