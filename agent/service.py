@@ -90,6 +90,8 @@ def check_runnable(config: AgentConfig) -> None:
 @dataclass
 class _Pending:
     """A database's next unscheduled attempt: a retry, or a catch-up (no failures yet).
+    Keyed by (source, database), or (source, None) to retry a source whose databases
+    could not be listed.
 
     ``fire`` is the scheduled time the attempt stands for; ``planned_at`` is when it was
     planned, so that a clock stepped back can be noticed.
@@ -180,7 +182,7 @@ class AgentService:
         self._stopping = False
         self._reload_requested = False
         self._plans: dict[str, _Plan] = self._make_plans(config, {})
-        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._pending: dict[tuple[str, str | None], _Pending] = {}
         # Failures to reach the collector, reported by the next attempt that reaches it.
         self._unreported: dict[tuple[str, str], str] = {}
         self._state = RunState(config.state_dir)
@@ -261,10 +263,13 @@ class AgentService:
             if pending.at > now:
                 continue
             del self._pending[key]
-            source = self.config.source(key[0])
+            source, database = self.config.source(key[0]), key[1]
             if source is None or source.schedule is None:
                 continue  # gone from the configuration since
-            self._start_backup(self.config, source, key[1], pending.fire, pending.failures)
+            if database is None:
+                self._spawn(self._run_source(self.config, source, pending.fire, pending.failures))
+            else:
+                self._start_backup(self.config, source, database, pending.fire, pending.failures)
 
     def _plan_catch_ups(self) -> None:
         now = self._clock()
@@ -346,9 +351,12 @@ class AgentService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_source(self, config: AgentConfig, source: SourceConfig, fire: datetime) -> None:
+    async def _run_source(
+        self, config: AgentConfig, source: SourceConfig, fire: datetime, failures: int = 0
+    ) -> None:
         log.info("scheduled run of source %s", source.name)
-        for database in await self._databases(config, source):
+        self._pending.pop((source.name, None), None)
+        for database in await self._databases(config, source, fire, failures):
             self._pending.pop((source.name, database), None)  # this run does the retry's job
             self._start_backup(config, source, database, fire, 0)
 
@@ -366,7 +374,9 @@ class AgentService:
         self._busy.add(key)
         self._spawn(self._backup(config, source, database, key, fire, failures))
 
-    async def _databases(self, config: AgentConfig, source: SourceConfig) -> list[str]:
+    async def _databases(
+        self, config: AgentConfig, source: SourceConfig, fire: datetime, failures: int
+    ) -> list[str]:
         if source.databases != "all":
             return list(source.databases)
         try:
@@ -374,6 +384,7 @@ class AgentService:
         except BackhaulError as exc:
             log.error("source %s: cannot list databases: %s", source.name, exc)
             await self._report(config, source, exc)
+            self._after_attempt(source, None, fire, failures + 1, exc, str(exc))
             return []
 
     async def _backup(
@@ -387,7 +398,10 @@ class AgentService:
             async with self._limiter:
                 self._active.add(task)
                 result = await self._backup_now(config, source, database, fire, failures == 0)
-            self._after_attempt(source, database, fire, failures + 1, result)
+            if not result.ok:
+                cause = result.cause or BackhaulError(result.error or "unknown error")
+                self._after_attempt(source, database, fire, failures + 1, cause,
+                                    result.error or "unknown error")
         except asyncio.CancelledError:
             if task in self._active:
                 log.warning("backup of %s aborted: the agent is stopping", label)
@@ -439,16 +453,15 @@ class AgentService:
                       source.name, escape_control(database), exc)
 
     def _after_attempt(
-        self, source: SourceConfig, database: str, fire: datetime, failures: int,
-        result: BackupResult,
+        self, source: SourceConfig, database: str | None, fire: datetime, failures: int,
+        cause: BaseException, error: str,
     ) -> None:
-        """Plan the next attempt of a failed one, and say so in its log line."""
-        if result.ok:
-            return
+        """Plan the next attempt after a failed one (of a database, or of listing the
+        source's databases when ``database`` is None), and say so in its log line."""
         now = self._clock()
         plan = self._plans.get(source.name)
         decision = plan_retry(
-            result.cause or BackhaulError(result.error or "unknown error"),
+            cause,
             failures=failures,
             retry_failed=source.retry_failed,
             interval=source.retry_interval,
@@ -459,8 +472,8 @@ class AgentService:
         log.log(
             logging.WARNING if decision.at is not None else logging.ERROR,
             "backup of %s/%s failed (attempt %d of %d): %s; %s",
-            source.name, escape_control(database), failures, source.retry_failed + 1,
-            escape_control(result.error or "unknown error"), decision.log_text(self._zone),
+            source.name, escape_control(database or "*"), failures, source.retry_failed + 1,
+            escape_control(error), decision.log_text(self._zone),
         )
         if decision.at is not None:
             self._pending[(source.name, database)] = _Pending(fire, failures, now, decision.at)

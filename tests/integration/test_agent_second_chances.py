@@ -247,6 +247,34 @@ async def test_retries_stop_after_retry_failed(
     assert (stamps[2] - stamps[1]).total_seconds() in (5, 6, 7)
 
 
+async def test_a_database_server_down_is_retried_for_a_source_of_all_databases(
+    mariadb: MariaDBServer, deployment: Deployment, tmp_path: Path
+) -> None:
+    """No MariaDB where the source points: listing the databases fails, is reported to
+    the collector, and the whole source is tried again, retry_failed times."""
+    output = tmp_path / "service.out"
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = agent_config(deployment, port, mariadb, tmp_path, '"all"',
+                              'schedule = "every 30s"\nretry_failed = 1\nretry_interval = "1s"\n')
+        down = free_port()
+        config.write_text(config.read_text().replace(f"port = {mariadb.port}\n",
+                                                     f"port = {down}\n"))
+        service = await start_service(config, output)
+        try:
+            await wait_for(lambda: "not retried: all 1 retries failed"
+                           in log_text(deployment.agent_logs), "the retry to fail", timeout=60)
+            await wait_for(lambda: log_text(deployment.collector_logs).count(
+                "reports failure (dump) for -") == 2, "both failures reported")
+        finally:
+            code = await stop_service(service)
+    assert code == 0, output.read_text()
+    agent_log = log_text(deployment.agent_logs)
+    assert re.search(r"backup of main/\* failed \(attempt 1 of 2\): cannot connect to MySQL "
+                     r"server at 127\.0\.0\.1:\d+: .*; will try again at \d\d:\d\d:\d\d \(the "
+                     r"database server or its dump failed\)", agent_log), agent_log
+    assert agent_log.count("cannot list databases") == 2
+
+
 # -- missed runs are made up once -----------------------------------------------------------
 
 
