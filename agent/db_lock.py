@@ -96,8 +96,10 @@ class DatabaseLock:
             make_shared_folder(self.path.parent, self.run_dir)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
+            # Fail closed: without the lock nothing keeps two dumps of the database apart.
             raise DatabaseBusyError(
-                f"cannot open the lock of {self.label} ({self.path}): {exc.strerror}"
+                f"cannot open the lock of {self.label} ({self.path}): {exc.strerror}; run as "
+                "the service's user or root, or set [agent] run_dir"
             ) from None
         with contextlib.suppress(OSError):
             give_to_owner(fd, self.run_dir)
