@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.shared_dirs import give_to_owner, make_shared_folder
-from common.errors import BackhaulError, ExitCode
+from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import escape_control
 from common.naming import encode_database
 
@@ -68,7 +68,7 @@ class DatabaseLock:
         """Take the lock if it is free: None then, else who holds it.
 
         Raises:
-            DatabaseBusyError: the lock file cannot be made or opened.
+            ConfigError: the lock file cannot be made or opened (run_dir, permissions).
         """
         fd = self._open()
         try:
@@ -97,7 +97,7 @@ class DatabaseLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             # Fail closed: without the lock nothing keeps two dumps of the database apart.
-            raise DatabaseBusyError(
+            raise ConfigError(
                 f"cannot open the lock of {self.label} ({self.path}): {exc.strerror}; run as "
                 "the service's user or root, or set [agent] run_dir"
             ) from None
@@ -124,7 +124,8 @@ async def hold_database(
 
     Raises:
         DatabaseBusyError: another process holds it and ``wait`` is False (nothing was
-            touched), or the lock cannot be opened.
+            touched).
+        ConfigError: the lock cannot be opened.
     """
     lock = DatabaseLock(run_dir, source, database, command)
     holder = lock.try_acquire()

@@ -13,6 +13,7 @@ from agent.config import AgentConfig, SourceConfig
 from agent.db_lock import DatabaseBusyError, hold_database
 from agent.run_state import RunState
 from agent.runner import BackupResult, Guard
+from common.errors import ConfigError
 from common.logsetup import escape_control
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def database_guard(
                         success=datetime.now(UTC) if result.ok else None,
                     )
                 return result
-        except DatabaseBusyError as exc:
+        except (DatabaseBusyError, ConfigError) as exc:  # the lock's: nothing was touched
             log.error("backup of %s/%s not started: %s", source.name, escape_control(database), exc)
             return BackupResult(
                 source.name, database, False, error=str(exc), exit_code=exc.exit_code, cause=exc

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.db_lock import DatabaseBusyError, DatabaseLock, hold_database
+from common.errors import ConfigError
 
 HOLDER = """
 import sys, time
@@ -79,3 +80,12 @@ async def test_other_databases_are_not_blocked(tmp_path: Path) -> None:
     finally:
         holder.kill()
         await holder.wait()
+
+
+async def test_a_lock_that_cannot_be_opened_is_a_configuration_error(tmp_path: Path) -> None:
+    """Fail closed, naming what to change: no lock, no backup."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"cannot open the lock of main/hospital .*run_dir"):
+        async with hold_database(blocker / "run", "main", "hospital", "x", wait=False):
+            pytest.fail("ran without the lock")
