@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, load_agent_config
+from agent.db_lock import hold_database
+from agent.guard import database_guard
 from agent.link.pending import PendingClient
 from agent.progress import ProgressDisplay
 from agent.runner import BackupResult, BackupRunner, run_exit_code
@@ -42,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("--source", help="only this [[sources]] name")
     backup.add_argument("--database", help="only this database (with --source if several)")
     backup.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
+    _wait_argument(backup)
     check = sub.add_parser("check-config", help="validate agent.toml and exit")
     check.add_argument("--config", type=Path, required=True)
     run = sub.add_parser("run", help="run as a service: back up each source on its schedule")
@@ -72,6 +75,13 @@ def _restore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="the [[sources]] server to restore to "
                                          "(needed when several are configured)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
+    _wait_argument(parser)
+
+
+def _wait_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", action="store_true",
+                        help="if another backup, restore or drill of the database runs on "
+                             "this host, wait for it instead of failing at once")
 
 
 def _seconds(text: str) -> float:
@@ -117,13 +127,14 @@ def _command(args: argparse.Namespace) -> int:
         from agent.restore.restore import RestoreRequest
 
         request = RestoreRequest(args.database, args.source, args.date, args.into, args.force)
-        return asyncio.run(_restore(config, request))
+        return asyncio.run(_restore(config, request, args.wait))
     if args.command == "drill":
-        return asyncio.run(_drill(config, args.database, args.source))
-    return asyncio.run(_backup(config, args.source, args.database))
+        return asyncio.run(_drill(config, args.database, args.source, args.wait))
+    return asyncio.run(_backup(config, args.source, args.database, args.wait))
 
 
-async def _backup(config: AgentConfig, source: str | None, database: str | None) -> int:
+async def _backup(config: AgentConfig, source: str | None, database: str | None,
+                  wait: bool) -> int:
     if source is not None and config.source(source) is None:
         raise ConfigError(f"no source named {source!r} in {config.source_file}")
     if database is not None and source is None and len(config.sources) > 1:
@@ -131,7 +142,8 @@ async def _backup(config: AgentConfig, source: str | None, database: str | None)
     display = ProgressDisplay.for_stream()
     link = PendingClient(config)
     try:
-        runner = BackupRunner(config, link, progress_factory=display.meter)
+        guard = database_guard(config, f"{PROG} backup", wait=wait)
+        runner = BackupRunner(config, link, progress_factory=display.meter, guard=guard)
         results = await runner.run(source, database)
     except BackhaulError as exc:
         log.error("backup run failed: %s", exc)
@@ -154,13 +166,18 @@ async def _run(config: AgentConfig, grace: float, stop_timeout: float,
     return await service.run()
 
 
-async def _restore(config: AgentConfig, request: RestoreRequest) -> int:
+async def _restore(config: AgentConfig, request: RestoreRequest, wait: bool) -> int:
     from agent.link.connection import CollectorClient
-    from agent.restore.restore import restore
+    from agent.restore.restore import pick_source, restore
 
+    source = pick_source(config, request.source)
     display = ProgressDisplay.for_stream()
     try:
-        async with CollectorClient(config) as client:
+        async with (
+            hold_database(config.run_dir, source.name, request.target, f"{PROG} restore",
+                          wait=wait),
+            CollectorClient(config) as client,
+        ):
             outcome = await restore(config, request, client, meter=display.meter)
     except BackhaulError as exc:
         log.error("restore of %s failed: %s", escape_control(request.database), exc)
@@ -171,12 +188,17 @@ async def _restore(config: AgentConfig, request: RestoreRequest) -> int:
     return ExitCode.OK
 
 
-async def _drill(config: AgentConfig, database: str, source: str | None) -> int:
+async def _drill(config: AgentConfig, database: str, source: str | None, wait: bool) -> int:
     from agent.link.connection import CollectorClient
+    from agent.restore.restore import pick_source
 
+    source_name = pick_source(config, source).name
     display = ProgressDisplay.for_stream()
     try:
-        async with CollectorClient(config) as client:
+        async with (
+            hold_database(config.run_dir, source_name, database, f"{PROG} drill", wait=wait),
+            CollectorClient(config) as client,
+        ):
             from agent.restore.drill import run_drill  # pymongo and restore code: load on demand
 
             result = await run_drill(config, database, source, client, meter=display.meter)

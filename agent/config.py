@@ -6,12 +6,13 @@ backup starts, so the secret lives in one 0600 file the administrator controls.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from agent.schedule import parse_schedule
+from agent.schedule import parse_duration, parse_schedule
 from common.compression import KINDS
 from common.config import Table, load_toml, parse_host_port
 from common.errors import ConfigError
@@ -21,6 +22,25 @@ ENGINES = ("mysql", "mongodb")
 DEFAULT_COLLECTOR_PORT = 2222
 # `backhaul-agent run --stop-timeout`: how long a stopping service waits for its backups.
 DEFAULT_STOP_TIMEOUT = 30.0
+DEFAULT_RETRY_FAILED = 2
+DEFAULT_RETRY_INTERVAL = "10m"
+
+
+def default_state_dir() -> Path:
+    """systemd's StateDirectory when the service runs under it, else the packaged path."""
+    return _systemd_dir("STATE_DIRECTORY", "/var/lib/backhaul/agent")
+
+
+def default_run_dir() -> Path:
+    """systemd's RuntimeDirectory when set, else the path the unit gives it, so that a
+    one-shot command started from a shell finds the service's database locks."""
+    return _systemd_dir("RUNTIME_DIRECTORY", "/run/backhaul-agent")
+
+
+def _systemd_dir(variable: str, fallback: str) -> Path:
+    # systemd joins several configured directories with ':'; the first is ours.
+    value = os.environ.get(variable, "").split(":")[0]
+    return Path(value) if value and os.path.isabs(value) else Path(fallback)
 
 
 @dataclass(frozen=True)
@@ -41,6 +61,9 @@ class SourceConfig:
     stall_timeout: float = 600.0
     schedule: str | None = None
     random_delay: float = 0.0
+    retry_failed: int = DEFAULT_RETRY_FAILED  # further attempts after a failed scheduled one
+    retry_interval: float = 600.0  # seconds before the first of them; doubles after each
+    catch_up: bool = True  # make up, once, a scheduled run missed while the service was down
     record_checksums: bool = False  # for drills; reads every table once more per backup
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -71,6 +94,8 @@ class AgentConfig:
     syslog: bool
     sources: tuple[SourceConfig, ...]
     max_concurrent: int = 1
+    state_dir: Path = field(default_factory=default_state_dir)  # records of scheduled runs
+    run_dir: Path = field(default_factory=default_run_dir)  # per-database locks
 
     def source(self, name: str) -> SourceConfig | None:
         return next((s for s in self.sources if s.name == name), None)
@@ -88,6 +113,8 @@ def load_agent_config(path: Path) -> AgentConfig:
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] in ".-":
         raise ConfigError(f"{agent.where('name')}: use letters, digits, '-', '_' and '.'")
     max_concurrent = agent.integer("max_concurrent", 1, low=1, high=64)
+    state_dir = agent.path("state_dir", None) or default_state_dir()
+    run_dir = agent.path("run_dir", None) or default_run_dir()
     agent.done()
     collector = _collector(top.table("collector", required=True))
     log = top.table("log")
@@ -102,7 +129,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     if duplicate:
         raise ConfigError(f"{path}: sources: the name {duplicate!r} appears twice")
     top.done()
-    return AgentConfig(path, name, collector, log_dir, syslog, sources, max_concurrent)
+    return AgentConfig(
+        path, name, collector, log_dir, syslog, sources, max_concurrent, state_dir, run_dir
+    )
 
 
 def _collector(table: Table) -> CollectorEndpoint:
@@ -156,6 +185,9 @@ def _source(table: Table) -> SourceConfig:
         stall_timeout=table.number("stall_timeout", 600.0, low=1),
         schedule=_schedule(table),
         random_delay=table.number("random_delay", 0.0, low=0),
+        retry_failed=table.integer("retry_failed", DEFAULT_RETRY_FAILED, low=0, high=20),
+        retry_interval=_duration(table, "retry_interval", DEFAULT_RETRY_INTERVAL),
+        catch_up=table.flag("catch_up", True),
         record_checksums=table.flag("record_checksums", False) if is_mysql else False,
         extra={k: table.flag(k) for k in ("include_users_and_roles", "oplog") if table.has(k)},
     )
@@ -169,6 +201,14 @@ def _source(table: Table) -> SourceConfig:
         )
     table.done()
     return source
+
+
+def _duration(table: Table, key: str, default: str) -> float:
+    text: str = table.text(key, default)
+    try:
+        return float(parse_duration(text))
+    except ValueError as exc:
+        raise ConfigError(f"{table.where(key)}: {exc}") from None
 
 
 def _schedule(table: Table) -> str | None:

@@ -7,6 +7,7 @@ the run goes on with the next database. The run's result lists each database.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,7 @@ class BackupResult:
     error: str | None = None
     exit_code: ExitCode = ExitCode.OK
     duration_s: float = 0.0
+    cause: BaseException | None = field(default=None, repr=False, compare=False)  # retry or not
 
     def line(self) -> str:
         label = f"{self.source}/{escape_control(self.database or '*')}"
@@ -77,14 +79,27 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+
+# Runs one database's backup (the callable given) inside what the caller needs around it:
+# the database's lock and the record of the run (agent.guard).
+Guard = Callable[[SourceConfig, str, Callable[[], Awaitable[BackupResult]]],
+                 Awaitable[BackupResult]]
+
+
+async def _unguarded(source: SourceConfig, database: str,
+                     backup: Callable[[], Awaitable[BackupResult]]) -> BackupResult:
+    return await backup()
+
+
 class BackupRunner:
     """Backs up the selected databases of the configured sources."""
 
     def __init__(self, config: AgentConfig, client: CollectorClient | PendingClient,
-                 progress_factory: Any = None) -> None:
+                 progress_factory: Any = None, guard: Guard = _unguarded) -> None:
         self.config = config
         self.client = client
         self.progress_factory = progress_factory
+        self.guard = guard
 
     async def run(self, source_name: str | None = None,
                   database: str | None = None) -> list[BackupResult]:
@@ -130,13 +145,17 @@ class BackupRunner:
             return [self._failed(source, None, exc, 0.0)]
         if not databases:
             log.warning("source %s: no databases to back up", source.name)
-        return [await self.backup_one(source, adapter, db) for db in databases]
+        return [
+            await self.guard(source, db, functools.partial(self.backup_one, source, adapter, db))
+            for db in databases
+        ]
 
     def _failed(self, source: SourceConfig, database: str | None, exc: BaseException,
                 started: float) -> BackupResult:
         code = exc.exit_code if isinstance(exc, BackhaulError) else ExitCode.FAILED
         return BackupResult(source.name, database, False, error=str(exc), exit_code=code,
-                            duration_s=time.monotonic() - started if started else 0.0)
+                            duration_s=time.monotonic() - started if started else 0.0,
+                            cause=exc)
 
     async def backup_one(self, source: SourceConfig, adapter: Adapter,
                          database: str) -> BackupResult:

@@ -31,6 +31,7 @@ from typing import Protocol
 SECONDS_PER_DAY = 86_400
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": SECONDS_PER_DAY}
 _EVERY_RE = re.compile(r"\Aevery\s+([1-9][0-9]{0,5})\s*([smhd])\Z")
+_DURATION_RE = re.compile(r"\A([1-9][0-9]{0,5})\s*([smhd])\Z")
 _DAILY_RE = re.compile(r"\Adaily\s+([0-9]{1,2}):([0-9]{2})\Z")
 _MACROS = {
     "@hourly": "0 * * * *",
@@ -80,6 +81,19 @@ def parse_schedule(text: str) -> Schedule:
             raise ValueError(f"{text!r}: unknown shorthand; use one of {', '.join(_MACROS)}")
         return CronSchedule.parse(_MACROS[lowered], text=cleaned)
     return CronSchedule.parse(cleaned)
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration written as `every` takes it: a count and a unit s, m, h or d
+    ("10m", "2s", "1 h").
+
+    Raises:
+        ValueError: with a one-line reason fit for a configuration error.
+    """
+    match = _DURATION_RE.match(" ".join(text.split()).lower())
+    if match is None:
+        raise ValueError(f'{text!r}: write a duration as a count and a unit s, m, h or d, e.g. 10m')
+    return int(match[1]) * _UNITS[match[2]]
 
 
 def _parse_every(text: str, lowered: str) -> EverySchedule:

@@ -3,15 +3,23 @@
 * Each source with a ``schedule`` (:mod:`agent.schedule`, in the host's local time zone)
   runs at its times, each run held back by a random 0..``random_delay`` seconds so that
   many hosts do not hit the collector at once. A source without a schedule is left to
-  the one-shot ``backhaul-agent backup``. The service does not run anything at start-up
-  and does not make up runs missed while it was stopped.
+  the one-shot ``backhaul-agent backup``.
+* Missed runs are made up once (``catch_up``, default on): at start, a database whose
+  scheduled time passed while the service was not running, and that has not been backed
+  up since, runs once after the random delay (:func:`agent.retry_policy.missed_run` on
+  the records of :mod:`agent.run_state`). A fresh install, with no records, runs nothing.
 * A run backs up each database of the source (``"all"`` is discovered at each run), each
   on its own connection to the collector. At most one backup per database runs at a
   time: if the previous one is still going when the next run comes, that database is
   skipped this time, with a warning. At most ``max_concurrent`` backups run at once; the
   others wait their turn.
 * A failed backup is logged and reported to the collector exactly as by ``backup``; the
-  service goes on.
+  service goes on. A transient failure is tried again (``retry_failed`` times, after
+  ``retry_interval``, doubling; :mod:`agent.retry_policy` says which failures), unless
+  the next scheduled run comes first. A failure to reach the collector is reported at
+  the next attempt that reaches it, so the failure and then the recovery are seen there.
+* Every backup holds its database's lock (:mod:`agent.db_lock`): a one-shot ``backup``,
+  ``restore`` or ``drill`` of the database makes the service's attempt wait for a retry.
 * SIGTERM or SIGINT: nothing new starts and waiting backups are dropped. Running ones get
   ``grace`` seconds to finish (default 0), then are aborted: ABORT to the collector, which
   keeps nothing, and the dump tool killed. The process exits 0 once all have stopped, or
@@ -38,17 +46,22 @@ from types import TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from agent.catch_up import plan_catch_ups
 from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, SourceConfig, load_agent_config
 from agent.engines.adapters import adapter_for
+from agent.guard import database_guard
 from agent.link.abort_on_close import AbortOnCloseClient
 from agent.link.requests import send_report
-from agent.runner import BackupRunner
+from agent.retry_policy import clock_time, plan_retry, rebase_after_clock_change
+from agent.run_state import RunState
+from agent.runner import BackupResult, BackupRunner
 from agent.schedule import Schedule, parse_schedule
 from common.errors import BackhaulError, ConfigError, ExitCode, TransportError
 from common.text import escape_control
 
 log = logging.getLogger(__name__)
 MAX_SLEEP = 60.0  # wake at least this often, so a changed wall clock is noticed
+SERVICE_COMMAND = "backhaul-agent run"  # as the database locks show the service to others
 
 
 def local_zone() -> tzinfo:
@@ -73,6 +86,22 @@ def check_runnable(config: AgentConfig) -> None:
             f'{config.source_file}: no source has a schedule; set schedule = "daily 02:30" '
             "(or every 6h, or a cron expression) on a [[sources]] table"
         )
+
+
+@dataclass
+class _Pending:
+    """A database's next unscheduled attempt: a retry, or a catch-up (no failures yet).
+    Keyed by (source, database), or (source, None) to retry a source whose databases
+    could not be listed.
+
+    ``fire`` is the scheduled time the attempt stands for; ``planned_at`` is when it was
+    planned, so that a clock stepped back can be noticed.
+    """
+
+    fire: datetime
+    failures: int
+    planned_at: float
+    at: float
 
 
 @dataclass
@@ -154,6 +183,10 @@ class AgentService:
         self._stopping = False
         self._reload_requested = False
         self._plans: dict[str, _Plan] = self._make_plans(config, {})
+        self._pending: dict[tuple[str, str | None], _Pending] = {}
+        # Failures to reach the collector, reported by the next attempt that reaches it.
+        self._unreported: dict[tuple[str, str], str] = {}
+        self._state = RunState(config.state_dir)
 
     def upcoming(self) -> list[tuple[str, datetime, float]]:
         """Each scheduled source's next run: name, scheduled time, start (with its delay)."""
@@ -180,6 +213,7 @@ class AgentService:
     async def run(self) -> ExitCode:
         """Schedule backups until :meth:`stop`; returns the exit status."""
         handled = self._install_signals()
+        self._plan_catch_ups()
         try:
             while not self._stopping:
                 self._launch_due()
@@ -210,7 +244,7 @@ class AgentService:
         return handled
 
     async def _sleep(self) -> None:
-        starts = [p.start for p in self._plans.values()]
+        starts = [p.start for p in self._plans.values()] + [p.at for p in self._pending.values()]
         delay = min([MAX_SLEEP, *(s - self._clock() for s in starts)])
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, delay)):
@@ -221,8 +255,36 @@ class AgentService:
         now = self._clock()
         for plan in self._plans.values():
             if plan.start <= now:
-                self._spawn(self._run_source(self.config, plan.source))
+                self._spawn(self._run_source(self.config, plan.source, plan.fire))
                 self._advance(plan, now)
+        for key, pending in list(self._pending.items()):
+            pending.planned_at, pending.at = rebase_after_clock_change(
+                pending.planned_at, pending.at, now
+            )
+            if pending.at > now:
+                continue
+            del self._pending[key]
+            source, database = self.config.source(key[0]), key[1]
+            if source is None or source.schedule is None:
+                continue  # gone from the configuration since
+            if database is None:
+                self._spawn(self._run_source(self.config, source, pending.fire, pending.failures))
+            else:
+                self._start_backup(self.config, source, database, pending.fire, pending.failures)
+
+    def _plan_catch_ups(self) -> None:
+        now = self._clock()
+        for plan in self._plans.values():
+            start = now + self._delay(plan.source)
+            for database, missed in plan_catch_ups(self._state, plan.source, plan.schedule,
+                                                   datetime.fromtimestamp(now, self._zone)):
+                log.warning(
+                    "backup of %s/%s scheduled at %s was missed while the agent was not "
+                    "running: making it up at %s",
+                    plan.source.name, escape_control(database),
+                    missed.isoformat(timespec="seconds"), clock_time(start, self._zone),
+                )
+                self._pending[(plan.source.name, database)] = _Pending(missed, 0, now, start)
 
     def _advance(self, plan: _Plan, now: float) -> None:
         after = datetime.fromtimestamp(max(now, plan.fire.timestamp()), self._zone)
@@ -273,6 +335,7 @@ class AgentService:
             return
         self._plans = self._make_plans(config, self._plans)
         self.config = config
+        self._state = RunState(config.state_dir)
         await self._limiter.resize(config.max_concurrent)
         log.info(
             "configuration reloaded from %s: %d source(s), %d scheduled, max_concurrent %d",
@@ -289,18 +352,32 @@ class AgentService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_source(self, config: AgentConfig, source: SourceConfig) -> None:
+    async def _run_source(
+        self, config: AgentConfig, source: SourceConfig, fire: datetime, failures: int = 0
+    ) -> None:
         log.info("scheduled run of source %s", source.name)
-        for database in await self._databases(config, source):
-            key = (source.name, database)
-            label = f"{source.name}/{escape_control(database)}"
-            if key in self._busy:
-                log.warning("backup of %s skipped: the previous one is still running", label)
-                continue
-            self._busy.add(key)
-            self._spawn(self._backup(config, source, database, key))
+        self._pending.pop((source.name, None), None)
+        for database in await self._databases(config, source, fire, failures):
+            self._pending.pop((source.name, database), None)  # this run does the retry's job
+            self._start_backup(config, source, database, fire, 0)
 
-    async def _databases(self, config: AgentConfig, source: SourceConfig) -> list[str]:
+    def _start_backup(
+        self, config: AgentConfig, source: SourceConfig, database: str, fire: datetime,
+        failures: int,
+    ) -> None:
+        key = (source.name, database)
+        if key in self._busy:
+            log.warning("backup of %s/%s skipped: the previous one is still running",
+                        source.name, escape_control(database))
+            if failures == 0:
+                self._state.record(source.name, database, scheduled=fire)
+            return
+        self._busy.add(key)
+        self._spawn(self._backup(config, source, database, key, fire, failures))
+
+    async def _databases(
+        self, config: AgentConfig, source: SourceConfig, fire: datetime, failures: int
+    ) -> list[str]:
         if source.databases != "all":
             return list(source.databases)
         try:
@@ -308,10 +385,12 @@ class AgentService:
         except BackhaulError as exc:
             log.error("source %s: cannot list databases: %s", source.name, exc)
             await self._report(config, source, exc)
+            self._after_attempt(source, None, fire, failures + 1, exc, str(exc))
             return []
 
     async def _backup(
-        self, config: AgentConfig, source: SourceConfig, database: str, key: tuple[str, str]
+        self, config: AgentConfig, source: SourceConfig, database: str, key: tuple[str, str],
+        fire: datetime, failures: int,
     ) -> None:
         label = f"{source.name}/{escape_control(database)}"
         task = asyncio.current_task()
@@ -319,7 +398,11 @@ class AgentService:
         try:
             async with self._limiter:
                 self._active.add(task)
-                await self._backup_now(config, source, database)
+                result = await self._backup_now(config, source, database, fire, failures == 0)
+            if not result.ok:
+                cause = result.cause or BackhaulError(result.error or "unknown error")
+                self._after_attempt(source, database, fire, failures + 1, cause,
+                                    result.error or "unknown error")
         except asyncio.CancelledError:
             if task in self._active:
                 log.warning("backup of %s aborted: the agent is stopping", label)
@@ -330,19 +413,72 @@ class AgentService:
             self._active.discard(task)
             self._busy.discard(key)
 
-    async def _backup_now(self, config: AgentConfig, source: SourceConfig, database: str) -> None:
+    async def _backup_now(
+        self, config: AgentConfig, source: SourceConfig, database: str, fire: datetime,
+        first: bool,
+    ) -> BackupResult:
+        key = (source.name, database)
         client = AbortOnCloseClient(config)
         try:
             await client.connect()
         except TransportError as exc:
             log.error("backup of %s/%s not started: %s", source.name, escape_control(database), exc)
-            return
+            when = clock_time(fire.timestamp(), self._zone, seconds=True)
+            self._unreported[key] = f"the backup scheduled at {when} could not start: {exc}"
+            if first:
+                self._state.record(source.name, database, scheduled=fire)
+            return BackupResult(source.name, database, False, error=str(exc),
+                                exit_code=exc.exit_code, cause=exc)
         self._clients.add(client)
         try:
-            await BackupRunner(config, client).run_source(source, database)
+            await self._report_unreported(client, source, database)
+            guard = database_guard(config, SERVICE_COMMAND, scheduled=fire if first else None)
+            results = await BackupRunner(config, client, guard=guard).run_source(source, database)
+            return results[-1]
         finally:
             self._clients.discard(client)
             await client.close()
+
+    async def _report_unreported(
+        self, client: AbortOnCloseClient, source: SourceConfig, database: str
+    ) -> None:
+        """Tell the collector of an earlier attempt that could not reach it."""
+        message = self._unreported.pop((source.name, database), None)
+        if message is None:
+            return
+        try:
+            await send_report(client, kind="failure", reason="transport", message=message,
+                              database=database, source=source.name)
+        except BackhaulError as exc:
+            log.error("could not report an earlier failure of %s/%s to the collector: %s",
+                      source.name, escape_control(database), exc)
+
+    def _after_attempt(
+        self, source: SourceConfig, database: str | None, fire: datetime, failures: int,
+        cause: BaseException, error: str,
+    ) -> None:
+        """Plan the next attempt after a failed one (of a database, or of listing the
+        source's databases when ``database`` is None), and say so in its log line."""
+        now = self._clock()
+        plan = self._plans.get(source.name)
+        decision = plan_retry(
+            cause,
+            failures=failures,
+            retry_failed=source.retry_failed,
+            interval=source.retry_interval,
+            now=now,
+            next_scheduled=plan.fire.timestamp() if plan is not None else None,
+            zone=self._zone,
+        )
+        log.log(
+            logging.WARNING if decision.at is not None else logging.ERROR,
+            "backup of %s/%s failed (attempt %d of %d): %s; %s",
+            source.name, escape_control(database or "*"), failures, source.retry_failed + 1,
+            escape_control(error), decision.log_text(self._zone),
+        )
+        if decision.at is not None:
+            self._pending[(source.name, database)] = _Pending(fire, failures, now, decision.at)
+            self._wake.set()
 
     async def _report(self, config: AgentConfig, source: SourceConfig, exc: BackhaulError) -> None:
         client = AbortOnCloseClient(config)

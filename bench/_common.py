@@ -257,11 +257,14 @@ def collector_toml(
 def agent_toml(*, port: int, host_key: Path, client_key: Path, log_dir: Path, agent: str) -> str:
     """agent.toml without its [[sources]] tables, for ``agent`` of that collector.
 
-    ``host_key`` is the collector's private key; the agent is given its ``.pub``.
+    ``host_key`` is the collector's private key; the agent is given its ``.pub``. Its
+    state and lock folders sit beside ``log_dir``, off the host's /var/lib and /run.
     """
     return textwrap.dedent(f"""\
         [agent]
         name = "{agent}"
+        state_dir = "{log_dir.parent / 'agent-state'}"
+        run_dir = "{log_dir.parent / 'agent-run'}"
 
         [collector]
         address = "{HOST}:{port}"

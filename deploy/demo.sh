@@ -88,6 +88,8 @@ EOF
 cat >"$demo/agent.toml" <<EOF
 [agent]
 name = "db1"
+state_dir = "$demo/agent-state"
+run_dir = "$demo/agent-run"
 
 [collector]
 address = "127.0.0.1:$collector_port"

@@ -41,6 +41,10 @@ class Deployment:
         self.store = self.root / "store"
         self.collector_logs = self.root / "collector-logs"
         self.agent_logs = self.root / "agent-logs"
+        # The agent's records of runs and its database locks, kept out of the host's
+        # /var/lib and /run, which every test run would share.
+        self.agent_state = self.root / "agent-state"
+        self.agent_run = self.root / "agent-run"
         self.host_key = ssh_keygen(self.keys / "collector_host_key")
 
     def add_agent(self, name: str) -> Path:
@@ -92,6 +96,8 @@ class Deployment:
         text = textwrap.dedent(f"""
             [agent]
             name = "{name}"
+            state_dir = "{self.agent_state}"
+            run_dir = "{self.agent_run}"
 
             [collector]
             address = "127.0.0.1:{port}"
