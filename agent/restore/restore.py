@@ -26,6 +26,8 @@ from agent.config import AgentConfig, SourceConfig
 from agent.engines.adapters import MongoAdapter, MySQLAdapter, adapter_for
 from agent.link.connection import CollectorClient
 from agent.link.requests import Fetched, fetch, list_backups
+from agent.restore.mysql_schema import SchemaState
+from agent.restore.sql_objects import SqlObjects
 from agent.restore.targets import Loader, MongoLoader, MySQLLoader
 from common.compression import StreamChecker
 from common.errors import BackhaulError, ConfigError, ExitCode, IntegrityError
@@ -42,6 +44,17 @@ class NoBackupError(BackhaulError):
     """The collector holds no backup that fits the request."""
 
     exit_code = ExitCode.FAILED
+
+
+class RestoreFailedError(BackhaulError):
+    """A restore failed after it touched the target; says what became of the target.
+
+    Exits as the failure that caused it would.
+    """
+
+    def __init__(self, cause: BackhaulError, outcome: str) -> None:
+        super().__init__(f"{cause}; {outcome}")
+        self.exit_code = cause.exit_code
 
 
 class MeterFactory(Protocol):
@@ -207,28 +220,56 @@ async def restore_backup(
     first.finish()
     _check_manifest(verified, summary, fmt, compression)
     log.info("%s verified: %d bytes, sha256 %s", name, verified.byte_count, verified.sha256)
+    await loader.check_privileges(target, first.objects)
+    before = await loader.state(target)
     await loader.prepare(target, replace=replace)
     second = _Check(fmt, compression)
-    async with loader.load(target) as sink:
+    try:
+        async with loader.load(target) as sink:
 
-        async def take(chunk: bytes) -> None:
-            for piece in await second.feed_collect(chunk):
-                await sink.write(piece)
+            async def take(chunk: bytes) -> None:
+                for piece in await second.feed_collect(chunk):
+                    await sink.write(piece)
 
-        try:
             loaded = await fetch(
                 client, database, name, take, progress=_advance(meter, f"loading {name}", summary)
             )
             second.finish()
-        except IntegrityError as exc:
-            raise IntegrityError(f"{exc} (while loading: {target!r} may hold part of it)") from None
-        await sink.finish()
-    if loaded.sha256 != verified.sha256:
-        raise IntegrityError(f"{name} changed on the collector between verifying and loading")
+            await sink.finish()
+        if loaded.sha256 != verified.sha256:
+            raise IntegrityError(f"{name} changed on the collector between verifying and loading")
+    except BaseException as exc:
+        outcome = await _undo(loader, target, before, replace)
+        if isinstance(exc, BackhaulError):
+            raise RestoreFailedError(exc, outcome) from exc
+        raise
     log.info("%s loaded into %r", name, target)
     return RestoreOutcome(
         name, target, loaded.byte_count, loaded.sha256, second.output_bytes, loaded.manifest
     )
+
+
+async def _undo(loader: Loader, target: str, before: SchemaState, replace: bool) -> str:
+    """Leave no half-restored database: drop what this restore created or replaced, and
+    empty again a database that was empty. Returns what was done, for the message."""
+    label = escape_control(target)
+    try:
+        if before.exists and not replace:
+            await loader.drop(target)
+            await loader.prepare(target, replace=False)
+            done = f"database {label!r} emptied again, as it was before the restore"
+        else:
+            await loader.drop(target)
+            done = (f"database {label!r}, which this restore created, dropped again"
+                    if not before.exists else
+                    f"database {label!r} dropped: --force had replaced it, and the old "
+                    "content is gone; restore another backup into it")
+    except BackhaulError as exc:
+        done = f"database {label!r} may hold part of the backup: cleaning it failed: {exc}"
+        log.error("restore into %r failed; %s", target, done)
+        return done
+    log.error("restore into %r failed; %s", target, done)
+    return done
 
 
 def _advance(
@@ -268,6 +309,7 @@ class _Check:
         self._fmt = fmt
         self._pending: list[bytes] = []
         self._archive = ArchiveVerifier() if fmt == "archive" else None
+        self.objects = SqlObjects()  # what an SQL dump creates besides tables
         self._checker = StreamChecker(compression, sink=self._take, max_ratio=MAX_RATIO)
 
     @property
@@ -280,9 +322,11 @@ class _Check:
     def _feed(self, chunk: bytes) -> list[bytes]:
         self._checker.feed(chunk)
         out, self._pending = self._pending, []
-        if self._archive is not None:
-            for piece in out:
+        for piece in out:
+            if self._archive is not None:
                 self._archive.feed(piece)
+            else:
+                self.objects.feed(piece)
         return out
 
     async def feed(self, chunk: bytes) -> None:
