@@ -21,7 +21,7 @@ def check_as_user(user: str, module: str, config: Path) -> subprocess.CompletedP
     """Run ``python -m <module> check-config --config <config>`` as ``user``.
 
     Raises:
-        ConfigError: not root, or no such user.
+        ConfigError: not root, no such user, or the user cannot run this Python.
     """
     try:
         account = pwd.getpwnam(user)
@@ -30,9 +30,14 @@ def check_as_user(user: str, module: str, config: Path) -> subprocess.CompletedP
     if os.geteuid() != 0:
         raise ConfigError("--as-user needs root (it runs the check as that user)")
     groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
-    return subprocess.run(
-        [sys.executable, "-m", module, "check-config", "--config", str(config.absolute())],
-        user=account.pw_uid, group=account.pw_gid, extra_groups=groups,
-        cwd="/", env={"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8"},
-        capture_output=True, text=True, check=False,
-    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", module, "check-config", "--config", str(config.absolute())],
+            user=account.pw_uid, group=account.pw_gid, extra_groups=groups,
+            cwd="/", env={"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8"},
+            capture_output=True, text=True, check=False,
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"--as-user {user!r}: cannot run {sys.executable} as that user: {exc.strerror}"
+        ) from None

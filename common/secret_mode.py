@@ -2,14 +2,13 @@
 
 As OpenSSH refuses an unprotected private key, Backhaul refuses a secret that anyone
 but its owner and the service may read. Allowed: no access at all for "others"; group
-access only when the file belongs to someone else than the reader, which is the layout
-of backhaul.tmpfiles.conf (owner root, group the service's, mode 0640): the group is
-then the way the service reads it. A file the reader owns must be 0600 or stricter.
+access only on a file owned by root, which is the layout of backhaul.tmpfiles.conf
+(owner root, group the service's, mode 0640): the group is how the service reads a
+secret it cannot change. A secret owned by any other account must be 0600 or stricter.
 """
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
@@ -23,7 +22,7 @@ def check_secret_file(path: Path, what: str, where: str) -> None:
     is the configuration key that points at it.
 
     Raises:
-        ConfigError: the file is missing, not a regular file, or too open.
+        ConfigError: the file is missing, unreadable, not a regular file, or too open.
     """
     try:
         info = path.stat()
@@ -33,9 +32,15 @@ def check_secret_file(path: Path, what: str, where: str) -> None:
         raise ConfigError(f"{where}: cannot read {what} {path}: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{where}: {what} {path} is not a regular file")
+    try:
+        path.open("rb").close()  # readable by this process, which may be the service's user
+    except OSError as exc:
+        raise ConfigError(
+            f"{where}: cannot read {what} {path}: {exc.strerror}; the service's user reads it "
+            "through its group (owner root, group of the service, chmod 640)"
+        ) from None
     mode = stat.S_IMODE(info.st_mode)
-    mine = info.st_uid == os.geteuid()
-    if mode & 0o007 or (mine and mode & 0o070):
+    if mode & 0o007 or (info.st_uid != 0 and mode & 0o070):
         who = "others" if mode & 0o007 else "its group"
         raise ConfigError(
             f"{where}: {what} {path} is accessible by {who} (mode {mode:04o}); refusing it, "

@@ -12,8 +12,10 @@
 # or a key, and starts nothing: the service is enabled once its configuration checks out.
 # Where systemd is not running (a container), the enabling is skipped and said so.
 #
-# Environment: BACKHAUL_PREFIX (default /opt/backhaul), BACKHAUL_ETC (/etc/backhaul),
-# BACKHAUL_PYTHON (/usr/bin/python3), BACKHAUL_SKIP_APT=1 to leave Debian packages alone.
+# Environment: BACKHAUL_PYTHON (default /usr/bin/python3), BACKHAUL_BIN_DIR
+# (/usr/local/bin, for links to the commands), BACKHAUL_SYSTEMD_DIR (/etc/systemd/system),
+# BACKHAUL_WHEELS (a folder of wheels to install from, offline; default: wheels/ beside
+# deploy/ when present), BACKHAUL_SKIP_APT=1 to leave Debian packages alone.
 set -euo pipefail
 
 role="${1:-}"
@@ -27,8 +29,9 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-prefix="${BACKHAUL_PREFIX:-/opt/backhaul}"
-etc="${BACKHAUL_ETC:-/etc/backhaul}"
+# Fixed: the units, the example configurations and the tmpfiles rules name these paths.
+prefix=/opt/backhaul
+etc=/etc/backhaul
 python="${BACKHAUL_PYTHON:-/usr/bin/python3}"
 systemd_dir="${BACKHAUL_SYSTEMD_DIR:-/etc/systemd/system}"
 say() { printf 'install: %s\n' "$*"; }
@@ -52,16 +55,34 @@ if [[ ! -x "$prefix/bin/python" ]]; then
   say "creating $prefix"
   "$python" -m venv "$prefix"
 fi
-say "installing Backhaul from $src into $prefix"
-build="$(mktemp -d)"
-trap 'rm -rf "$build"' EXIT
-# Copy the source so that a build leaves nothing in the clone (and works from a
-# read-only tarball): only what the package needs.
-cp -r "$src/pyproject.toml" "$src/README.md" "$src/agent" "$src/collector" "$src/common" \
-  "$src/certs" "$build/"
-"$prefix/bin/python" -m pip install -q --upgrade "$build"
+# From a wheel folder when there is one (a release tarball's wheels/, or BACKHAUL_WHEELS):
+# Backhaul and every dependency, no network needed. Otherwise built from the source,
+# dependencies from the package index.
+wheels="${BACKHAUL_WHEELS:-$src/wheels}"
+if [[ -d "$wheels" ]]; then
+  say "installing Backhaul from the wheels in $wheels into $prefix"
+  pip_from=(--no-index --find-links "$wheels")
+  target=backhaul
+else
+  say "installing Backhaul from $src into $prefix"
+  build="$(mktemp -d)"
+  trap 'rm -rf "$build"' EXIT
+  # A copy, so that a build leaves nothing in the clone (and works from a read-only one).
+  cp -r "$src/pyproject.toml" "$src/README.md" "$src/agent" "$src/collector" "$src/common" \
+    "$src/certs" "$build/"
+  pip_from=()
+  target="$build"
+fi
+"$prefix/bin/python" -m pip install -q "${pip_from[@]}" "$target"
+# Again, Backhaul alone: an upgrade at an unchanged version number still takes the new code.
+"$prefix/bin/python" -m pip install -q "${pip_from[@]}" --force-reinstall --no-deps "$target"
 "$prefix/bin/backhaul-collector" --help >/dev/null
 "$prefix/bin/backhaul-agent" --help >/dev/null
+# On root's PATH, so that `backhaul-collector ...` works as typed.
+bindir="${BACKHAUL_BIN_DIR:-/usr/local/bin}"
+for program in backhaul-collector backhaul-agent backhaul-certs; do
+  ln -sfn "$prefix/bin/$program" "$bindir/$program"
+done
 
 # --- users, folders, modes ---------------------------------------------------------
 install -D -m 0644 "$src/deploy/systemd/backhaul.sysusers.conf" /usr/lib/sysusers.d/backhaul.conf
@@ -136,14 +157,16 @@ if [[ -d /run/systemd/system ]]; then
     systemctl enable backhaul-prune.timer backhaul-verify.timer
   fi
   if ((configured)); then
+    # Enabled, not started: the administrator starts it once the key exchange is done.
+    # An upgrade restarts a service that was already running, on the new code.
     systemctl enable "$service"
-    systemctl reload-or-restart "$service"
+    systemctl try-restart "$service"
   else
-    say "not enabling $service: $config does not check out yet"
+    say "not enabling $service: $config does not check out yet (see the next steps)"
   fi
 else
   say "systemd is not running here (PID 1 is $(cat /proc/1/comm 2>/dev/null || echo '?')):" \
-      "units installed in $systemd_dir, not enabled or started"
+      "units installed in $systemd_dir, not enabled; start the service by hand"
 fi
 
 # --- next steps ----------------------------------------------------------------------
@@ -152,34 +175,36 @@ echo
 echo "Backhaul $role installed in $prefix."
 if [[ $role == collector ]]; then
   cat <<EOF
-This collector's host key (agents pin it; copy it to each agent VM as
-$etc/agent/collector_host_key.pub):
-  $pub
+This collector's host key; on each database VM, after install.sh agent, put it in
+$etc/agent/collector_host_key.pub:
+  echo '$pub' > $etc/agent/collector_host_key.pub
 
-Next steps:
-  1. Edit $config (listen address, storage root, retention).
-  2. For each agent VM, copy its public key here and enrol it:
-       sudo $prefix/bin/backhaul-collector enrol-agent NAME /path/to/NAME.pub
-  3. Check and start:
-       sudo -u backhaul $prefix/bin/backhaul-collector check-config --config $config
-       sudo systemctl enable --now $service
-     (later enrolments: sudo systemctl reload $service)
+Next steps (see README.md, "Installing on two VMs"):
+  1. Check $config (listen address, storage root, retention).
+  2. Enrol each agent with the public key its install.sh printed, then reload:
+       echo 'ssh-ed25519 AAAA... backhaul-agent@db-vm-1' > /root/db-vm-1.pub
+       backhaul-collector enrol-agent db-vm-1 /root/db-vm-1.pub
+       systemctl reload backhaul-collector
+  3. Check as the service's user and start:
+       backhaul-collector check-config --config $config --as-user $user
+       systemctl enable --now $service
 EOF
 else
   cat <<EOF
-This agent's public key (enrol it on the collector with
-backhaul-collector enrol-agent NAME FILE):
-  $pub
+This agent's public key; on the collector VM, enrol it:
+  echo '$pub' > /root/$(hostname).pub
+  backhaul-collector enrol-agent NAME /root/$(hostname).pub
 
-Next steps:
-  1. Copy the collector's host key here: $etc/agent/collector_host_key.pub (mode 0644).
-  2. Edit $config: [agent] name, [collector] address, the [[sources]].
+Next steps (see README.md, "Installing on two VMs"):
+  1. Put the collector's host key (its install.sh printed it) in
+     $etc/agent/collector_host_key.pub.
+  2. Edit $config: [agent] name (the NAME enrolled), [collector] address, [[sources]].
   3. Put the database password in its password file, readable by the agent only:
-       sudo install -m 0640 -o root -g backhaul-agent /dev/null $etc/agent/mysql.pass
-       sudo editor $etc/agent/mysql.pass
-  4. Check, back up once, then start the service:
-       sudo -u backhaul-agent $prefix/bin/backhaul-agent check-config --config $config
-       sudo -u backhaul-agent $prefix/bin/backhaul-agent backup --config $config
-       sudo systemctl enable --now $service
+       install -m 0640 -o root -g $user /dev/null $etc/agent/mysql.pass
+       echo 'the-password' > $etc/agent/mysql.pass
+  4. Check as the service's user, back up once, then start the service:
+       backhaul-agent check-config --config $config --as-user $user
+       runuser -u $user -- backhaul-agent backup --config $config
+       systemctl enable --now $service
 EOF
 fi

@@ -350,6 +350,9 @@ class CollectorServer:
                 f"cannot listen on {server.host}:{server.port}: {exc.strerror}"
             ) from None
         log.info("listening on %s:%d", server.host, self.port)
+        if self.auth.admits_nobody:
+            log.warning("no agent is enrolled yet: enrol one with `backhaul-collector "
+                        "enrol-agent NAME KEYFILE`, then reload (SIGHUP)")
 
     async def stop(self, drain_timeout: float = 60.0) -> None:
         """Stop accepting, let running requests finish for a while, then cancel them."""

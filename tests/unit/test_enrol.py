@@ -1,5 +1,5 @@
-"""`enrol-agent` and the agents.d drop-ins beside collector.toml; the collector's own key
-checks; and the metrics of an agent enrolled without a database list."""
+"""`enrol-agent` and the agents.d drop-ins beside collector.toml, their reload on SIGHUP;
+the collector's own key checks; and the metrics of an agent enrolled without a list."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from prometheus_client import CollectorRegistry
 from collector.config import load_collector_config
 from collector.enrol import enrol_agent, parse_databases
 from collector.report.metrics import OPEN_AGENT_DATABASES, OTHER, CollectorMetrics
+from collector.report.outcomes import FanOut
+from collector.serve.reload import reload_agents
+from collector.serve.server import CollectorServer, CollectorSSHServer, make_context
 from common.errors import ConfigError
 
 COLLECTOR = """
@@ -166,3 +169,31 @@ def test_a_reload_adds_agents_and_keeps_what_others_recorded(tmp_path: Path) -> 
                                      {"agent": "db2"}) == 0
     metrics.backup_finished("db2", "b", "id3", "success", None, 1, 1.0)
     assert series(registry, "db2") == {"b"}
+
+
+def test_a_reload_admits_enrolled_agents_to_new_connections_only(collector_toml: Path) -> None:
+    """SIGHUP's work: new connections get the new agents; a connection accepted before
+    keeps the policy it was made with, so its uploads run on."""
+    config = load_collector_config(collector_toml)
+    server = CollectorServer(config, make_context(config, FanOut()))
+    before = CollectorSSHServer(server.ctx, server.auth, server.caps, server.agents)
+    pub = keypair(collector_toml.parent / "db1_key")
+    enrol_agent(collector_toml, "db1", pub, ("hospital",))
+    reload_agents(server, [])
+    key = asyncssh.read_public_key(str(pub))
+    assert server.agents == {"db1"}
+    assert server.auth.validate_public_key("db1", key)
+    assert server.ctx.allowed == {"db1": ("hospital",)}
+    assert not before.validate_public_key("db1", key)  # made before the reload
+
+
+def test_a_reload_of_a_broken_configuration_keeps_the_agents_in_use(
+    collector_toml: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    enrol_agent(collector_toml, "db1", keypair(collector_toml.parent / "k"), None)
+    config = load_collector_config(collector_toml)
+    server = CollectorServer(config, make_context(config, FanOut()))
+    (collector_toml.parent / "agents.d" / "db1.toml").write_text('name = "db1"\nbad = 1\n')
+    reload_agents(server, [])
+    assert server.agents == {"db1"}
+    assert "reload refused, the agents in use stay" in caplog.text

@@ -55,22 +55,29 @@ def test_a_secret_only_its_owner_reads_is_accepted(tmp_path: Path, mode: int) ->
     check_secret_file(secret(tmp_path / "key", mode), "private key", "here")
 
 
+def not_roots(path: Path) -> Path:
+    """A file owned by an account other than root (as made by a user, or by root for one)."""
+    if os.geteuid() == 0:
+        os.chown(path, 1, 1)
+    return path
+
+
 @pytest.mark.parametrize("mode", [0o644, 0o604, 0o640, 0o660, 0o606])
 def test_a_secret_others_or_its_group_may_read_is_refused_with_the_fix(
     tmp_path: Path, mode: int
 ) -> None:
-    """As OpenSSH: a key the reader owns must be 0600; nobody else may ever read it."""
-    path = secret(tmp_path / "key", mode)
+    """As OpenSSH: an account's own key must be 0600; "others" may never read a secret."""
+    path = not_roots(secret(tmp_path / "key", mode))
     with pytest.raises(ConfigError, match=rf"here: private key {path} is accessible by .*"
                                           rf"mode {mode:04o}.*Fix: chmod 600 {path}"):
         check_secret_file(path, "private key", "here")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to another owner needs root")
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to root needs root")
 def test_a_secret_of_root_readable_by_the_service_group_is_accepted(tmp_path: Path) -> None:
-    """The tmpfiles layout: owner root, group the service's, 0640, read by the service."""
+    """The tmpfiles layout: owner root, group the service's, 0640."""
     path = secret(tmp_path / "key", 0o640)
-    os.chown(path, 1, 0)  # read by someone else than its owner, as the service reads it
+    os.chown(path, 0, 1)
     check_secret_file(path, "private key", "here")
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="accessible by others"):
@@ -94,7 +101,7 @@ def test_a_password_file_at_0644_stops_the_agent(agent_toml: Path) -> None:
 
 
 def test_a_group_readable_agent_key_stops_the_agent(agent_toml: Path) -> None:
-    (agent_toml.parent / "agent_key").chmod(0o640)
+    not_roots(agent_toml.parent / "agent_key").chmod(0o640)
     with pytest.raises(ConfigError, match=r"collector\.client_key: private key .* its group"):
         check_agent_files(load_agent_config(agent_toml))
 
@@ -133,3 +140,10 @@ def test_an_unknown_key_far_from_any_known_one_gets_no_suggestion(tmp_path: Path
     table.text("user")
     with pytest.raises(ConfigError, match=r"colour: unknown key$"):
         table.done()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_a_secret_this_user_cannot_read_is_named(tmp_path: Path) -> None:
+    path = secret(tmp_path / "key", 0o000)
+    with pytest.raises(ConfigError, match=r"cannot read private key .*Permission denied"):
+        check_secret_file(path, "private key", "here")
