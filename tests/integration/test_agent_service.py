@@ -234,8 +234,10 @@ async def test_sighup_keeps_a_broken_config_out_and_takes_a_fixed_one(
 async def test_run_without_any_schedule_is_a_configuration_error(
     mariadb: MariaDBServer, deployment: Deployment, tmp_path: Path
 ) -> None:
+    """Every source with schedule = "none" (one-shot only): nothing for the service to do."""
     pw = password_file(tmp_path, mariadb.root_password)
-    config = deployment.agent_toml("db1", 1, mysql_source(mariadb.port, '["x"]', password_file=pw))
+    source = mysql_source(mariadb.port, '["x"]', password_file=pw, extra='schedule = "none"\n')
+    config = deployment.agent_toml("db1", 1, source)
     run = await run_cli("run", "--config", str(config))
     assert run.returncode == 2
     assert "no source has a schedule" in run.stderr
