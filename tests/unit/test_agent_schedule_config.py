@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import schedule_lines
 from agent.config import DEFAULT_RANDOM_DELAY, DEFAULT_SCHEDULE, load_agent_config
 from agent.service import AgentService
 from common.errors import ConfigError
@@ -133,3 +134,17 @@ async def test_service_plans_each_scheduled_source_with_its_random_delay(tmp_pat
 def test_service_needs_a_scheduled_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no source has a schedule"):
         AgentService(load_agent_config(write(tmp_path, source='schedule = "none"')))
+
+
+def test_check_config_lines_show_each_sources_next_run(tmp_path: Path) -> None:
+    """check-config's schedule lines: the default marked as such, with its delay; a
+    source with schedule = "none" says only one-shot backups run it."""
+    config = load_agent_config(write(tmp_path, source='\n[[sources]]\nname = "manual"\n'
+                                     'engine = "mysql"\nuser = "u"\ndatabases = "all"\n'
+                                     'schedule = "none"\n'))
+    now = datetime(2026, 11, 26, 1, 30, tzinfo=UTC)
+    assert schedule_lines(config, now) == [
+        "source main: schedule 'daily 01:00' (the default), next run 2026-11-27 01:00 UTC"
+        " + up to 3600 s",
+        "source manual: no schedule; only `backhaul-agent backup` runs it",
+    ]
