@@ -11,21 +11,24 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, load_agent_config
 from agent.db_lock import hold_database
+from agent.first_contact import check_agent_files
 from agent.guard import database_guard
 from agent.link.pending import PendingClient
 from agent.progress import ProgressDisplay
 from agent.runner import BackupResult, BackupRunner, run_exit_code
+from agent.schedule import parse_schedule
 
 if TYPE_CHECKING:
     from agent.restore.restore import RestoreRequest
 # The SSH stack (agent.link.connection, agent.link.requests, agent.service) is imported where it is
 # used: a one-shot backup loads it in the background while its first dump starts.
+from common.as_user import check_as_user
 from common.cli import print_error, run_command, run_script
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import setup_logging
@@ -45,8 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("--database", help="only this database (with --source if several)")
     backup.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
     _wait_argument(backup)
-    check = sub.add_parser("check-config", help="validate agent.toml and exit")
+    check = sub.add_parser("check-config", help="validate agent.toml, show each source's "
+                                                "next run, and exit")
     check.add_argument("--config", type=Path, required=True)
+    check.add_argument("--as-user", metavar="USER",
+                       help="check again as this user (the service's, backhaul-agent), "
+                            "so files it cannot read are found now; needs root")
     run = sub.add_parser("run", help="run as a service: back up each source on its schedule")
     run.add_argument("--config", type=Path, required=True, help="path to agent.toml")
     run.add_argument("--grace", type=_seconds, default=0.0, metavar="SECONDS",
@@ -115,9 +122,9 @@ def _interrupted() -> int:
 
 def _command(args: argparse.Namespace) -> int:
     config = load_agent_config(args.config)
+    check_agent_files(config)
     if args.command == "check-config":
-        print(f"{args.config}: OK ({len(config.sources)} source(s))")
-        return ExitCode.OK
+        return _check_config(config, args.as_user)
     stderr_level = logging.INFO if args.verbose else None
     setup_logging(PROG, config.log_dir, use_syslog=config.syslog, stderr_level=stderr_level)
     keep_freed_memory()
@@ -131,6 +138,34 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "drill":
         return asyncio.run(_drill(config, args.database, args.source, args.wait))
     return asyncio.run(_backup(config, args.source, args.database, args.wait))
+
+
+def _check_config(config: AgentConfig, as_user: str | None) -> int:
+    if as_user is not None:
+        checked = check_as_user(as_user, "agent.cli", config.source_file)
+        if checked.returncode != 0:
+            print(checked.stderr, end="", file=sys.stderr)
+            raise ConfigError(f"{config.source_file} does not check out as user {as_user!r}")
+    print(f"{config.source_file}: OK ({len(config.sources)} source(s))"
+          + (f", also as user {as_user}" if as_user else ""))
+    for line in schedule_lines(config, datetime.now().astimezone()):
+        print(f"  {line}")
+    return ExitCode.OK
+
+
+def schedule_lines(config: AgentConfig, now: datetime) -> list[str]:
+    """One line per source: its schedule, whether it is the default, and its next run."""
+    lines = []
+    for source in config.sources:
+        if source.schedule is None:
+            lines.append(f"source {source.name}: no schedule; only `{PROG} backup` runs it")
+            continue
+        following = parse_schedule(source.schedule).next_after(now)
+        default = " (the default)" if source.default_schedule else ""
+        delay = f" + up to {source.random_delay:.0f} s" if source.random_delay else ""
+        lines.append(f"source {source.name}: schedule {source.schedule!r}{default}, "
+                     f"next run {following:%Y-%m-%d %H:%M %Z}{delay}")
+    return lines
 
 
 async def _backup(config: AgentConfig, source: str | None, database: str | None,
@@ -162,6 +197,11 @@ async def _run(config: AgentConfig, grace: float, stop_timeout: float,
 
     from agent.service import AgentService
 
+    for source in config.sources:
+        if source.default_schedule:
+            log.info("source %s has no schedule: using the default %r with a random delay "
+                     "of up to %.0f s (set schedule in %s to choose)", source.name,
+                     source.schedule, source.random_delay, config.source_file)
     service = AgentService(config, grace=grace, stop_timeout=stop_timeout, on_reload=relog)
     return await service.run()
 

@@ -41,6 +41,12 @@ def _systemd_dir(variable: str, fallback: str) -> Path:
     # systemd joins several configured directories with ':'; the first is ours.
     value = os.environ.get(variable, "").split(":")[0]
     return Path(value) if value and os.path.isabs(value) else Path(fallback)
+# A source without `schedule` is backed up daily at 01:00 local time plus a random delay
+# of up to an hour, so that many database hosts installed alike do not all reach the
+# collector at once. `schedule = "none"` leaves a source to `backhaul-agent backup`.
+DEFAULT_SCHEDULE = "daily 01:00"
+DEFAULT_RANDOM_DELAY = 3600.0
+NO_SCHEDULE = "none"
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class SourceConfig:
     retry_interval: float = 600.0  # seconds before the first of them; doubles after each
     catch_up: bool = True  # make up, once, a scheduled run missed while the service was down
     record_checksums: bool = False  # for drills; reads every table once more per backup
+    default_schedule: bool = False  # schedule and random_delay are the defaults above
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -122,13 +129,13 @@ def load_agent_config(path: Path) -> AgentConfig:
     syslog = log.flag("syslog", True)
     log.done()
     sources = tuple(_source(t) for t in top.tables("sources"))
+    top.done()  # first: a misspelt [[source]] is named as such, not as "no sources"
     if not sources:
         raise ConfigError(f"{path}: no [[sources]] configured")
     names = [s.name for s in sources]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise ConfigError(f"{path}: sources: the name {duplicate!r} appears twice")
-    top.done()
     return AgentConfig(
         path, name, collector, log_dir, syslog, sources, max_concurrent, state_dir, run_dir
     )
@@ -170,6 +177,9 @@ def _source(table: Table) -> SourceConfig:
             f"{table.where('databases')} must be \"all\" or a non-empty list of names"
         )
     is_mysql = engine == "mysql"
+    default_schedule = not table.has("schedule")
+    schedule = DEFAULT_SCHEDULE if default_schedule else _schedule(table)
+    delay = DEFAULT_RANDOM_DELAY if default_schedule else 0.0
     source = SourceConfig(
         name=name,
         engine=engine,
@@ -183,13 +193,14 @@ def _source(table: Table) -> SourceConfig:
         compression=table.text("compression", "zstd" if is_mysql else "gzip", choices=KINDS),
         compression_level=table.integer("compression_level", None, low=1, high=22),
         stall_timeout=table.number("stall_timeout", 600.0, low=1),
-        schedule=_schedule(table),
-        random_delay=table.number("random_delay", 0.0, low=0),
+        schedule=schedule,
+        random_delay=table.number("random_delay", delay, low=0),
         retry_failed=table.integer("retry_failed", DEFAULT_RETRY_FAILED, low=0, high=20),
         retry_interval=_duration(table, "retry_interval", DEFAULT_RETRY_INTERVAL),
         catch_up=table.flag("catch_up", True),
         record_checksums=table.flag("record_checksums", False) if is_mysql else False,
         extra={k: table.flag(k) for k in ("include_users_and_roles", "oplog") if table.has(k)},
+        default_schedule=default_schedule,
     )
     if source.random_delay and source.schedule is None:
         raise ConfigError(f"{table.where('random_delay')} needs a schedule")
@@ -214,7 +225,7 @@ def _duration(table: Table, key: str, default: str) -> float:
 def _schedule(table: Table) -> str | None:
     """The source's schedule, checked now so a typo stops start-up, not the 02:30 run."""
     text: str | None = table.text("schedule", None)
-    if text is None:
+    if text is None or text == NO_SCHEDULE:
         return None
     try:
         parse_schedule(text)

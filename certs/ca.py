@@ -25,7 +25,7 @@ from pathlib import Path
 import asyncssh
 
 from common.certificates import CertificateInfo, format_time
-from common.credentials import check_owner_only
+from common.credentials import check_secret_mode
 from common.errors import ConfigError
 from common.identity import is_valid_agent_name, key_fp, load_public_key
 from common.revocation import RevocationEntry, RevocationList
@@ -130,13 +130,13 @@ class CertificateAuthority:
         """Open the CA in ``directory``; raises ConfigError if it is missing or unsafe."""
         path = directory / CA_KEY
         try:
-            mode = path.stat().st_mode
+            info = path.stat()
             key = asyncssh.read_private_key(path)
         except FileNotFoundError:
             raise ConfigError(f"no CA in {directory}: {path} is missing (run init-ca)") from None
         except (OSError, asyncssh.KeyImportError, ValueError) as exc:
             raise ConfigError(f"cannot read CA key {path}: {exc}") from None
-        check_owner_only(mode, path, "CA key")
+        check_secret_mode(info, path, "CA key", service_group=False)
         return cls(directory, key)
 
     def issue_agent(

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from collector.config import CollectorConfig, load_collector_config
+from collector.enrol import enrol_agent, parse_databases
 from collector.report.outcomes import FanOut
+from collector.serve.reload import reload_agents
 from collector.serve.server import CollectorServer, make_context
 from collector.store import files as storage
 from collector.store import inventory, listing, prune, verify_status
+from common.as_user import check_as_user
 from common.cli import run_command, run_script
 from common.errors import ConfigError, ExitCode
 from common.logsetup import SafeFormatter, setup_logging
@@ -29,6 +32,7 @@ from common.memory import keep_freed_memory
 from common.text import human_bytes
 
 PROG = "backhaul-collector"
+DEFAULT_CONFIG = Path("/etc/backhaul/collector.toml")
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
     check = sub.add_parser("check-config", help="validate collector.toml and exit")
     check.add_argument("--config", type=Path, required=True)
+    check.add_argument("--as-user", metavar="USER",
+                       help="check again as this user (the service's, backhaul), so files "
+                            "it cannot read are found now; needs root")
+    enrol = sub.add_parser("enrol-agent", help="accept an agent's public key (then reload "
+                                               "the running collector)")
+    enrol.add_argument("name", help="the agent's name, as in its agent.toml")
+    enrol.add_argument("public_key", type=Path, help="the agent's public key file")
+    enrol.add_argument("--databases", metavar="A,B",
+                       help="accept only these databases (default: every one it sends)")
+    enrol.add_argument("--replace", action="store_true",
+                       help="replace the key and databases of an agent enrolled before")
+    enrol.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                       help=f"path to collector.toml (default {DEFAULT_CONFIG})")
     pruning = sub.add_parser("prune", help="delete old backups as [retention] says")
     pruning.add_argument("--config", type=Path, required=True, help="path to collector.toml")
     pruning.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
@@ -70,10 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    if args.command == "enrol-agent":
+        return _enrol(args)
     config = load_collector_config(args.config)
     if args.command == "check-config":
-        print(f"{args.config}: OK ({len(config.agents)} agent(s))")
-        return ExitCode.OK
+        return _check_config(config, args.as_user)
     operation: Operation | None = getattr(args, "operation", None)
     if operation is not None:
         return operation(config, args)
@@ -82,6 +100,27 @@ def _command(args: argparse.Namespace) -> int:
                   stderr_level=logging.INFO if args.verbose else logging.ERROR)
     keep_freed_memory()
     return asyncio.run(serve(config))
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    databases = parse_databases(args.databases)
+    dropin = enrol_agent(args.config, args.name, args.public_key, databases,
+                         replace=args.replace)
+    accepts = ", ".join(databases) if databases is not None else "every database"
+    print(f"enrolled agent {args.name} ({accepts}) in {dropin}")
+    print("a running collector accepts it after: systemctl reload backhaul-collector")
+    return ExitCode.OK
+
+
+def _check_config(config: CollectorConfig, as_user: str | None) -> int:
+    if as_user is not None:
+        checked = check_as_user(as_user, "collector.cli", config.source)
+        if checked.returncode != 0:
+            print(checked.stderr, end="", file=sys.stderr)
+            raise ConfigError(f"{config.source} does not check out as user {as_user!r}")
+    print(f"{config.source}: OK ({len(config.agents)} agent(s))"
+          + (f", also as user {as_user}" if as_user else ""))
+    return ExitCode.OK
 
 
 async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = None,
@@ -106,6 +145,8 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
         # Not possible outside the main thread (tests run the server in-process).
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reload_agents, server, sinks)
     if ready is not None:
         ready.set_result(server.port)
     try:

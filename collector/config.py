@@ -12,11 +12,15 @@ import asyncssh
 from collector.report.notify import NotifyConfig, parse_notify_config
 from collector.store.retention import RetentionPolicy, parse_retention
 from common.config import Table, load_toml, parse_host_port
+from common.credentials import check_secret_file
 from common.errors import ConfigError
 from common.integrity import DEFAULT_MAX_RATIO
 from common.logsetup import DEFAULT_LOG_DIR
 
 DEFAULT_PORT = 2222
+# Agents enrolled with `backhaul-collector enrol-agent`: one NAME.toml per agent (the keys
+# of an [[agents]] table) in this folder beside collector.toml, read with the file.
+AGENTS_DIR = "agents.d"
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,12 @@ def load_collector_config(path: Path) -> CollectorConfig:
     )
     log_table.done()
     agents = tuple(_agent(t, server) for t in top.tables("agents"))
+    agents += tuple(_agent(t, server) for t in _agent_dropins(agents_dir(path)))
     names = [a.name for a in agents]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
-        raise ConfigError(f"{path}: agents: the name {duplicate!r} appears twice")
+        raise ConfigError(f"{path}: agents: the name {duplicate!r} appears twice "
+                          f"(in [[agents]] or {agents_dir(path)})")
     metrics = top.table("metrics")
     metrics_listen = None
     if metrics.has("listen"):
@@ -133,6 +139,26 @@ def load_collector_config(path: Path) -> CollectorConfig:
     retention = parse_retention(retention_table, str(path))
     top.done()
     return CollectorConfig(path, server, storage, log, agents, metrics_listen, notify, retention)
+
+
+def agents_dir(config_path: Path) -> Path:
+    """The drop-in folder of enrolled agents that belongs to this collector.toml."""
+    return config_path.parent / AGENTS_DIR
+
+
+def _agent_dropins(folder: Path) -> list[Table]:
+    """One table per ``*.toml`` in the drop-in folder, in name order; none if it is absent.
+
+    Raises:
+        ConfigError: the folder or a file in it cannot be read or parsed.
+    """
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix == ".toml")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"{folder}: cannot read the agents folder: {exc.strerror}") from None
+    return [Table(load_toml(file), file) for file in files]
 
 
 def _server(table: Table) -> ServerConfig:
@@ -204,6 +230,7 @@ def _agent(table: Table, server: ServerConfig) -> AgentEntry:
 
 
 def _check_private_key(path: Path, where: str) -> None:
+    check_secret_file(path, "private key", where)
     try:
         asyncssh.read_private_key(str(path))
     except (OSError, asyncssh.KeyImportError, ValueError) as exc:

@@ -6,6 +6,7 @@ the file and the dotted key in every error (fail closed, never warn-and-ignore).
 
 from __future__ import annotations
 
+import difflib
 import math
 import tomllib
 from collections.abc import Mapping
@@ -152,4 +153,9 @@ class Table:
         """Raises ConfigError naming the first key that no reader asked for."""
         unknown = sorted(set(self._data) - self._taken)
         if unknown:
-            raise ConfigError(f"{self.where(unknown[0])}: unknown key")
+            raise ConfigError(f"{self.where(unknown[0])}: unknown key{self._hint(unknown[0])}")
+
+    def _hint(self, key: str) -> str:
+        """ "; did you mean 'x'?" when a known key of this table is close to ``key``."""
+        close = difflib.get_close_matches(key, sorted(self._taken), n=1, cutoff=0.75)
+        return f"; did you mean {close[0]!r}?" if close else ""

@@ -1,9 +1,12 @@
-"""Secrets: password files read under one rule, and passwords kept out of messages.
+"""Secrets: secret files checked under one rule, and passwords kept out of messages.
 
-Every password Backhaul uses (a database source's, the SMTP relay's) comes from a file
-the administrator controls; :func:`read_secret_file` is the one place that decides
-whether such a file is safe to use. :func:`scrub` is the last guard before a message
-that might echo a password (a server's error, a tool's stderr) is logged or sent.
+Every password and private key Backhaul uses (a database source's password, the SMTP
+relay's, the agent's and the collector's SSH keys, the CA key) is in a file the
+administrator controls; :func:`check_secret_mode` is the one rule that decides whether
+such a file is safe to use, :func:`read_secret_file` reads a password file under it and
+:func:`check_secret_file` checks a key file before it is used. :func:`scrub` is the last
+guard before a message that might echo a password (a server's error, a tool's stderr) is
+logged or sent.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ _MAX_SIZE = 64 * 1024  # far beyond any password; stops a mistaken path being re
 def read_secret_file(path: Path, where: str) -> str:
     """Read a password file: exactly one line, for its owner's eyes only.
 
-    The rule: a regular file whose mode grants nothing to group or others (0600, 0400
-    or stricter), holding the password on one line; a trailing newline (or CRLF) is
-    dropped, every other character, spaces included, is part of the password.
+    The rule: a regular file that :func:`check_secret_mode` accepts (0600, 0400, or
+    0640 owned by root with the service's group), holding the password on one line; a
+    trailing newline (or CRLF) is dropped, every other character, spaces included, is
+    part of the password.
     ``where`` names the setting that points at the file (``"source db1"``,
     ``"collector.toml: notify.email.password_file"``) and starts every message.
 
@@ -38,33 +42,70 @@ def read_secret_file(path: Path, where: str) -> str:
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read password file {path}: {exc.strerror}") from None
     try:
-        _check_mode(os.fstat(fd).st_mode, path, where)
+        _check_mode(os.fstat(fd), path, where)
         data = _read(fd, path, where)
     finally:
         os.close(fd)
     return _one_line(data, path, where)
 
 
-def check_owner_only(mode: int, path: Path, what: str) -> None:
-    """Refuse a secret file whose ``mode`` grants anything to group or others.
+def check_secret_mode(
+    info: os.stat_result, path: Path, what: str, *, service_group: bool = True
+) -> None:
+    """Refuse a secret file that someone besides its owner and the service may read.
 
-    ``what`` names the file's role (``"CA key"``) and starts the message, which says
-    who can read it and the command that fixes it.
+    As OpenSSH refuses an unprotected private key: nothing for others, ever; nothing for
+    the group either, except on a file owned by root when ``service_group`` is true, which
+    is the installed layout (owner root, group the service's, mode 0640: the group is how
+    the service reads a secret it cannot change). A file only its owner uses (the CA key)
+    passes ``service_group=False``. ``what`` names the file (``"source db1: password
+    file"``) and starts the message, which says who can read it and the fix.
 
     Raises:
-        ConfigError: any group or other permission bit is set.
+        ConfigError: the file is open to others, or to its group where that is not allowed.
     """
-    if mode & 0o077:
+    mode = stat.S_IMODE(info.st_mode)
+    group_ok = service_group and info.st_uid == 0
+    if mode & 0o007 or (mode & 0o070 and not group_ok):
+        fix = f"chmod 600 {path}" + (
+            " (or owner root, group of the service, chmod 640)" if service_group else ""
+        )
         raise ConfigError(
-            f"{what} {path} is {_exposure(mode)} "
-            f"(mode {stat.S_IMODE(mode):04o}); run chmod 600 {path}"
+            f"{what} {path} is {_exposure(mode)} (mode {mode:04o}); refusing it, as OpenSSH "
+            f"refuses an unprotected key. Fix: {fix}"
         )
 
 
-def _check_mode(mode: int, path: Path, where: str) -> None:
-    if not stat.S_ISREG(mode):
+def check_secret_file(path: Path, what: str, where: str) -> None:
+    """Refuse a missing secret file (a private key, a password file), one this process
+    cannot read, or one too open (:func:`check_secret_mode`), naming the fix. ``where`` is
+    the configuration key that points at it.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not a regular file, or too open.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {what} {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{where}: {what} {path} is not a regular file")
+    try:
+        path.open("rb").close()  # readable by this process, which may be the service's user
+    except OSError as exc:
+        raise ConfigError(
+            f"{where}: cannot read {what} {path}: {exc.strerror}; the service's user reads it "
+            "through its group (owner root, group of the service, chmod 640)"
+        ) from None
+    check_secret_mode(info, path, f"{where}: {what}")
+
+
+def _check_mode(info: os.stat_result, path: Path, where: str) -> None:
+    if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{where}: cannot read password file {path}: it is not a regular file")
-    check_owner_only(mode, path, f"{where}: password file")
+    check_secret_mode(info, path, f"{where}: password file")
 
 
 def _read(fd: int, path: Path, where: str) -> bytes:
@@ -82,9 +123,11 @@ def _read(fd: int, path: Path, where: str) -> bytes:
 def _exposure(mode: int) -> str:
     if mode & 0o004:
         return "readable by everyone"
+    if mode & 0o007:
+        return "open to others"
     if mode & 0o040:
         return "readable by its group"
-    return "open to its group or others"
+    return "open to its group"
 
 
 def _one_line(data: bytes, path: Path, where: str) -> str:

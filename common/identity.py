@@ -112,8 +112,9 @@ class AgentAuthenticator:
         if ca_public_key is not None:
             ca_key = load_public_key(ca_public_key, "CA public key")
             self._ca_key, self._ca_fingerprint = ca_key.public_data, key_fp(ca_key)
-        if not self._agent_keys and self._ca_key is None:
-            raise ConfigError("no agent can authenticate: list agents or give a CA key")
+        # No agent yet is a fresh install's normal state: the collector runs, admits no
+        # one, and takes up agents enrolled later on reload (collector.serve.reload).
+        self.admits_nobody = not self._agent_keys and self._ca_key is None
         self._revocations = RevocationSource(revocation_list)
         self._identities: weakref.WeakKeyDictionary[asyncssh.SSHServerConnection, AgentIdentity] = (
             weakref.WeakKeyDictionary()

@@ -13,7 +13,8 @@ case "$what" in
   *) echo "usage: $0 demo|test|setup" >&2; exit 2 ;;
 esac
 
-packages=(mariadb-server mariadb-client zstd openssh-client prometheus prometheus-alertmanager systemd
+# iproute2: tests/integration/test_install.py makes two network namespaces with `ip`.
+packages=(mariadb-server mariadb-client zstd openssh-client prometheus prometheus-alertmanager systemd iproute2
           python3 python3-venv python3-dev gcc ca-certificates curl)
 missing=()
 for pkg in "${packages[@]}"; do

@@ -27,6 +27,8 @@ from agent.config import AgentConfig, SourceConfig
 from agent.engines.adapters import MongoAdapter, MySQLAdapter, adapter_for
 from agent.link.connection import CollectorClient
 from agent.link.requests import Fetched, fetch, list_backups
+from agent.restore.mysql_schema import SchemaState
+from agent.restore.sql_objects import SqlObjects
 from agent.restore.targets import Loader, MongoLoader, MySQLLoader
 from common.errors import BackhaulError, ConfigError, ExitCode, IntegrityError
 from common.integrity import DEFAULT_MAX_RATIO, IntegrityChecker
@@ -41,6 +43,17 @@ class NoBackupError(BackhaulError):
 
     exit_code = ExitCode.FAILED
     reason = "no_backup"
+
+
+class RestoreFailedError(BackhaulError):
+    """A restore failed after it touched the target; says what became of the target.
+
+    Exits as the failure that caused it would.
+    """
+
+    def __init__(self, cause: BackhaulError, outcome: str) -> None:
+        super().__init__(f"{cause}; {outcome}")
+        self.exit_code = cause.exit_code
 
 
 class MeterFactory(Protocol):
@@ -198,12 +211,20 @@ async def restore_backup(
         As :func:`restore`.
     """
     name = str(summary["name"])
-    verified = await _verify(client, summary, meter)
+    verified, objects = await _verify(client, summary, meter)
     log.info("%s verified: %d bytes, sha256 %s", name, verified.byte_count, verified.sha256)
+    await loader.check_privileges(target, objects)
+    before = await loader.state(target)
     await loader.prepare(target, replace=replace)
-    loaded, output_bytes = await _load(client, summary, loader, target, meter)
-    if loaded.sha256 != verified.sha256:
-        raise IntegrityError(f"{name} changed on the collector between verifying and loading")
+    try:
+        loaded, output_bytes = await _load(client, summary, loader, target, meter)
+        if loaded.sha256 != verified.sha256:
+            raise IntegrityError(f"{name} changed on the collector between verifying and loading")
+    except BaseException as exc:
+        outcome = await _undo(loader, target, before, replace)
+        if isinstance(exc, BackhaulError):
+            raise RestoreFailedError(exc, outcome) from exc
+        raise
     log.info("%s loaded into %r", name, target)
     return RestoreOutcome(
         name, target, loaded.byte_count, loaded.sha256, output_bytes, loaded.manifest
@@ -212,8 +233,9 @@ async def restore_backup(
 
 async def _verify(
     client: CollectorClient, summary: dict[str, Any], meter: MeterFactory | None
-) -> Fetched:
-    """The first pass: the whole backup fetched and checked, nothing loaded.
+) -> tuple[Fetched, SqlObjects]:
+    """The first pass: the whole backup fetched and checked, nothing loaded; also what an
+    SQL dump creates besides tables, so the privileges it needs are checked before loading.
 
     Raises:
         IntegrityError: the backup or its manifest is damaged.
@@ -221,7 +243,10 @@ async def _verify(
     """
     name, database = str(summary["name"]), str(summary["database"])
     fmt, compression = _kind(name)
-    checker = IntegrityChecker(fmt, compression, DEFAULT_MAX_RATIO)
+    objects = SqlObjects()
+    checker = IntegrityChecker(
+        fmt, compression, DEFAULT_MAX_RATIO, sink=objects.feed if fmt == "sql" else None
+    )
 
     async def check(chunk: bytes) -> None:
         await asyncio.to_thread(checker.feed, chunk)
@@ -231,7 +256,7 @@ async def _verify(
     )
     checker.finish(verified.byte_count, verified.sha256)
     _check_manifest(verified, summary, fmt, compression)
-    return verified
+    return verified, objects
 
 
 async def _load(
@@ -258,15 +283,35 @@ async def _load(
                 await sink.write(piece)
             pieces.clear()
 
-        try:
-            loaded = await fetch(
-                client, database, name, take, progress=_advance(meter, f"loading {name}", summary)
-            )
-            facts = checker.finish(loaded.byte_count, loaded.sha256)
-        except IntegrityError as exc:
-            raise IntegrityError(f"{exc} (while loading: {target!r} may hold part of it)") from None
+        loaded = await fetch(
+            client, database, name, take, progress=_advance(meter, f"loading {name}", summary)
+        )
+        facts = checker.finish(loaded.byte_count, loaded.sha256)
         await sink.finish()
     return loaded, int(facts["uncompressed_bytes"])
+
+
+async def _undo(loader: Loader, target: str, before: SchemaState, replace: bool) -> str:
+    """Leave no half-restored database: drop what this restore created or replaced, and
+    empty again a database that was empty. Returns what was done, for the message."""
+    label = escape_control(target)
+    try:
+        if before.exists and not replace:
+            await loader.drop(target)
+            await loader.prepare(target, replace=False)
+            done = f"database {label!r} emptied again, as it was before the restore"
+        else:
+            await loader.drop(target)
+            done = (f"database {label!r}, which this restore created, dropped again"
+                    if not before.exists else
+                    f"database {label!r} dropped: --force had replaced it, and the old "
+                    "content is gone; restore another backup into it")
+    except BackhaulError as exc:
+        done = f"database {label!r} may hold part of the backup: cleaning it failed: {exc}"
+        log.error("restore into %r failed; %s", target, done)
+        return done
+    log.error("restore into %r failed; %s", target, done)
+    return done
 
 
 def _advance(

@@ -25,7 +25,9 @@ from agent.engines.mysql_dump import client_option_file, find_client_tool
 from agent.engines.mysql_inspect import MySQLParams
 from agent.restore import mysql_schema
 from agent.restore.mongo_loader import RestoreResult, restore_archive
+from agent.restore.mysql_grants import missing_restore_privileges
 from agent.restore.mysql_schema import SchemaState
+from agent.restore.sql_objects import SqlObjects
 from common.credentials import scrub
 from common.errors import BackhaulError, DumpError
 
@@ -46,6 +48,7 @@ class Loader(Protocol):
     engine: str
 
     def check_name(self, target: str) -> None: ...
+    async def check_privileges(self, target: str, objects: SqlObjects) -> None: ...
     async def state(self, target: str) -> SchemaState: ...
     async def prepare(self, target: str, *, replace: bool) -> None: ...
     def load(self, target: str) -> AbstractAsyncContextManager[Sink]: ...
@@ -71,6 +74,21 @@ class MySQLLoader:
 
     def check_name(self, target: str) -> None:
         mysql_schema.check_database_name(target)
+
+    async def check_privileges(self, target: str, objects: SqlObjects) -> None:
+        """Refuse, naming them, the privileges this dump needs that the account lacks.
+
+        Raises:
+            DumpError: privileges are missing, or the server cannot be queried.
+        """
+        missing = await asyncio.to_thread(missing_restore_privileges, self.params, target,
+                                          objects.kinds, objects.definers)
+        if missing:
+            raise DumpError(
+                f"user {self.params.user!r} cannot restore into {target!r}: it lacks "
+                f"{'; '.join(missing)}. Grant these (see the README's restore grants), "
+                "then run the restore again; nothing was changed"
+            )
 
     async def state(self, target: str) -> SchemaState:
         return await asyncio.to_thread(mysql_schema.schema_state, self.params, target)
@@ -207,6 +225,9 @@ class MongoLoader:
     def check_name(self, target: str) -> None:
         if not target or len(target) > 63 or any(c in target for c in '/\\. "$\0'):
             raise DumpError(f"{target!r} is not a valid MongoDB database name")
+
+    async def check_privileges(self, target: str, objects: SqlObjects) -> None:
+        """Nothing to check up front: a MongoDB restore creates collections only."""
 
     async def state(self, target: str) -> SchemaState:
         names = await asyncio.to_thread(self._collections, target)

@@ -12,9 +12,10 @@ exhaust Prometheus, or smuggle odd text into alert e-mails. So:
 
 * ``agent`` is a configured agent name, or ``_other`` for any name not configured.
 * ``database`` is one of the databases configured for that agent, or ``_other`` for any
-  other (including every database of an agent configured without a database list, and
-  every database of an unknown agent). List the databases in ``collector.toml`` to get
-  one series per database.
+  other (including every database of an unknown agent). An agent configured without a
+  database list accepts every database: its first :data:`OPEN_AGENT_DATABASES` names
+  each get their own series, in the order they arrive, and any further name counts as
+  ``_other``. List the databases in ``collector.toml`` to choose them.
 * ``reason`` is one word from :data:`REASONS`; anything else counts as ``other``, and a
   success has the reason ``none``. Free text belongs in the log, not in a label.
 * ``channel`` is ``webhook``, ``email`` or ``other``; ``result`` is ``success`` or
@@ -22,7 +23,8 @@ exhaust Prometheus, or smuggle odd text into alert e-mails. So:
 
 A configured name may not be ``_other`` itself or empty (:class:`ConfigError`), so the
 catch-all never hides a real database. The number of series is therefore at most about
-(agents + 1) x (databases + 1) per metric, whatever clients do.
+(agents + 1) x (databases + 1) per metric, whatever clients do, counting
+:data:`OPEN_AGENT_DATABASES` databases for an agent without a list.
 
 What ``_other`` records: the attempt counters, the last attempt's time and result, and
 running backups, so a failure of an unlisted database still raises an alert. It records
@@ -50,7 +52,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -77,6 +79,9 @@ logger = logging.getLogger(__name__)
 
 OTHER = "_other"
 """The label value standing for every agent or database name that is not configured."""
+
+OPEN_AGENT_DATABASES = 32
+"""Databases with their own series per agent configured without a database list."""
 
 CHANNELS = frozenset({"webhook", "email"})
 
@@ -122,13 +127,24 @@ def reason_label(reason: str | None) -> str:
 class _LabelPolicy:
     """Maps client-supplied names to label values taken from the configuration."""
 
-    def __init__(self, expected: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, expected: Mapping[str, Sequence[str] | None]) -> None:
         self.expected: dict[str, tuple[str, ...]] = {}
+        self.learned: dict[str, list[str]] = {}  # agents without a list: names seen
+        self.update(expected)
+
+    def update(self, expected: Mapping[str, Sequence[str] | None]) -> None:
+        """Take up a (re)loaded configuration; names learned so far stay.
+
+        ``None`` as an agent's databases means every database (learned, capped).
+        """
+        checked: dict[str, tuple[str, ...]] = {}
         for agent, databases in expected.items():
             _check_configured_name(agent, "agent")
-            for database in databases:
+            for database in databases or ():
                 _check_configured_name(database, f"database of agent {agent!r}")
-            self.expected[agent] = tuple(dict.fromkeys(databases))
+            checked[agent] = tuple(dict.fromkeys(databases or ()))
+        self.expected = checked
+        self.open = frozenset(a for a, databases in expected.items() if databases is None)
 
     def agent(self, agent: str) -> str:
         return agent if agent in self.expected else OTHER
@@ -137,7 +153,16 @@ class _LabelPolicy:
         databases = self.expected.get(agent)
         if databases is None:
             return OTHER, OTHER
-        return agent, database if database in databases else OTHER
+        if database in databases:
+            return agent, database
+        if agent in self.open and database and database != OTHER:
+            learned = self.learned.setdefault(agent, [])
+            if database in learned:
+                return agent, database
+            if len(learned) < OPEN_AGENT_DATABASES:
+                learned.append(database)
+                return agent, database
+        return agent, OTHER
 
     def expected_pairs(self) -> Iterator[tuple[str, str]]:
         for agent, databases in self.expected.items():
@@ -260,7 +285,7 @@ class CollectorMetrics:
     def __init__(
         self,
         registry: CollectorRegistry,
-        expected: Mapping[str, Sequence[str]],
+        expected: Mapping[str, Sequence[str] | None],
         storage_root: Path,
         clock: Clock = time.time,
         *,
@@ -268,7 +293,8 @@ class CollectorMetrics:
     ) -> None:
         """Register all metrics on ``registry`` and create the series expected from start.
 
-        ``expected`` maps each configured agent to the databases it should back up.
+        ``expected`` maps each configured agent to the databases it should back up, or
+        to None for every database (see the module docstring).
 
         Raises:
             ConfigError: a configured name is empty or is the reserved ``_other``.
@@ -368,10 +394,28 @@ class CollectorMetrics:
         build.info({"version": version or _package_version(), "python": platform.python_version()})
         self._create_initial_series()
 
-    def _create_initial_series(self) -> None:
+    def expect(self, expected: Mapping[str, Sequence[str] | None]) -> None:
+        """A reloaded configuration: new agents and databases get their series now.
+
+        Series of agents no longer configured stay until the collector restarts.
+
+        Raises:
+            ConfigError: a configured name is empty or is the reserved ``_other``.
+        """
+        agents, pairs = set(self._policy.expected), set(self._policy.expected_pairs())
+        self._policy.update(expected)
+        self._create_initial_series(agents, pairs)
+
+    def _create_initial_series(self, agents: Collection[str] = (),
+                               pairs: Collection[tuple[str, str]] = ()) -> None:
+        """Series of configured names, at 0, except those of ``agents`` and ``pairs``,
+        which exist already and keep their values."""
         for agent in self._policy.expected:
-            self._agent_seen.labels(agent).set(0)
+            if agent not in agents:
+                self._agent_seen.labels(agent).set(0)
         for agent, database in self._policy.expected_pairs():
+            if (agent, database) in pairs:
+                continue
             self._last_success.labels(agent, database).set(0)
             self._last_attempt.labels(agent, database).set(0)
             self._verify_mismatches.labels(agent, database)

@@ -107,7 +107,7 @@ async def build_sinks(config: CollectorConfig) -> tuple[list[OutcomeSink], list[
     sinks: list[OutcomeSink] = []
     closers: list[Closer] = []
     registry = CollectorRegistry()
-    expected = {a.name: a.databases or () for a in config.agents}
+    expected = {a.name: a.databases for a in config.agents}
     metrics = CollectorMetrics(registry, expected, Path(config.storage.root))
     # After CollectorMetrics: a finding shows one scrape later, so Prometheus sees the step.
     registry.register(VerifyStatusReader(Path(config.storage.root), metrics.verify_mismatch))

@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
 
-from collector.config import CollectorConfig
+from collector.config import AgentEntry, CollectorConfig
 from collector.report.outcomes import FanOut
 from collector.serve.session import BackhaulSession, SessionContext
 from collector.store.files import Store
@@ -297,6 +297,19 @@ class CollectorServer:
                                    config.server.max_unauthenticated_per_address)
         self._server: asyncssh.SSHAcceptor | None = None
 
+    def use_agents(self, agents: Sequence[AgentEntry], auth: AgentAuthenticator) -> None:
+        """Apply a reloaded agent list to connections and backups that start from now on.
+
+        Open connections keep the authenticator they were made with (it is handed to
+        each connection when it is accepted), so their uploads run on undisturbed.
+        """
+        self.auth = auth
+        self.agents = frozenset(a.name for a in agents)
+        self.ctx.allowed.clear()
+        self.ctx.allowed.update({a.name: a.databases for a in agents})
+        self.ctx.agent_max_bytes.clear()
+        self.ctx.agent_max_bytes.update({a.name: a.max_backup_bytes for a in agents})
+
     @property
     def port(self) -> int:
         assert self._server is not None
@@ -337,6 +350,9 @@ class CollectorServer:
                 f"cannot listen on {server.host}:{server.port}: {exc.strerror}"
             ) from None
         log.info("listening on %s:%d", server.host, self.port)
+        if self.auth.admits_nobody:
+            log.warning("no agent is enrolled yet: enrol one with `backhaul-collector "
+                        "enrol-agent NAME KEYFILE`, then reload (SIGHUP)")
 
     async def stop(self, drain_timeout: float = 60.0) -> None:
         """Stop accepting, let running requests finish for a while, then cancel them."""

@@ -242,8 +242,10 @@ async def test_sighup_keeps_a_broken_config_out_and_takes_a_fixed_one(
 async def test_run_without_any_schedule_is_a_configuration_error(
     mariadb: MariaDBServer, deployment: Deployment, tmp_path: Path
 ) -> None:
+    """Every source with schedule = "none" (one-shot only): nothing for the service to do."""
     pw = password_file(tmp_path, mariadb.root_password)
-    config = deployment.agent_toml("db1", 1, mysql_source(mariadb.port, '["x"]', password_file=pw))
+    source = mysql_source(mariadb.port, '["x"]', password_file=pw, extra='schedule = "none"\n')
+    config = deployment.agent_toml("db1", 1, source)
     run = await run_cli("run", "--config", str(config))
     assert run.returncode == 2
     assert "no source has a schedule" in run.stderr
@@ -261,3 +263,26 @@ async def test_a_bad_schedule_stops_start_up_naming_the_key(
     run = await run_cli("check-config", "--config", str(config))
     assert run.returncode == 2
     assert "sources[0].schedule" in run.stderr and "outside 0-59" in run.stderr
+
+
+async def test_a_source_without_schedule_runs_daily_by_default_and_says_so(
+    mariadb: MariaDBServer, deployment: Deployment, tmp_path: Path
+) -> None:
+    """The example agent.toml has no schedule: the service starts (it used to exit and be
+    restarted by systemd every 5 s) and logs the default with its next run."""
+    pw = password_file(tmp_path, mariadb.root_password)
+    output = tmp_path / "service.out"
+    config = deployment.agent_toml("db1", 1, mysql_source(mariadb.port, '["x"]',
+                                                          password_file=pw))
+    service = await start_service(config, output)
+    try:
+        await wait_for(lambda: "next run" in log_text(deployment.agent_logs),
+                       "the service to plan its first run")
+        assert service.returncode is None
+    finally:
+        code = await stop_service(service)
+    assert code == 0, output.read_text()
+    agent_log = log_text(deployment.agent_logs)
+    assert ("source main has no schedule: using the default 'daily 01:00' with a random "
+            "delay of up to 3600 s") in agent_log
+    assert "schedule 'daily 01:00', next run" in agent_log

@@ -24,6 +24,10 @@ def _localised(name: str, tmp_path: Path) -> Path:
     for path in ("/etc/backhaul/agents/db-vm-1.pub",
                  "/etc/backhaul/agent/collector_host_key.pub"):
         text = text.replace(f'"{path}"', f'"{key}.pub"')
+    password = tmp_path / "mysql.pass"
+    password.write_text("secret\n")
+    password.chmod(0o600)
+    text = text.replace('"/etc/backhaul/agent/mysql.pass"', f'"{password}"')
     out = tmp_path / name
     out.write_text(text)
     return out

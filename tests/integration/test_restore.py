@@ -226,3 +226,99 @@ async def test_no_backup_and_unknown_source_are_one_line_errors(
         assert "Traceback" not in run.stderr
     for run in (nothing, unknown):
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def restorer(mariadb: MariaDBServer, tmp_path: Path, grants: str) -> Path:
+    """A fresh account `restorer` with ``grants`` on every database; its password file."""
+    mariadb.execute("DROP USER IF EXISTS 'restorer'@'%'")
+    mariadb.execute("CREATE USER 'restorer'@'%' IDENTIFIED BY 'r3st0re'")
+    mariadb.execute(f"GRANT {grants} ON *.* TO 'restorer'@'%'")
+    folder = tmp_path / "restorer"
+    folder.mkdir(exist_ok=True)
+    return password_file(folder, "r3st0re")
+
+
+async def test_restore_names_the_missing_privileges_before_touching_anything(
+    mariadb: MariaDBServer, samples: list[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    """Table grants only, binlog on, a dump with routines and triggers: refused up front
+    (exit 5) naming TRIGGER, CREATE ROUTINE, the binlog setting and SUPER; no database."""
+    mariadb.execute("DROP DATABASE IF EXISTS never_made")
+    mariadb.execute("SET GLOBAL log_bin_trust_function_creators = 0")
+    limited = restorer(mariadb, tmp_path, "SELECT, INSERT, CREATE, DROP, ALTER, LOCK TABLES")
+    root_pw = password_file(tmp_path, mariadb.root_password)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        backup = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=root_pw)
+        )
+        assert (await run_agent(backup)).returncode == 0
+        config = deployment.agent_toml("db1", port, mysql_source(
+            mariadb.port, '["tricky"]', password_file=limited, user="restorer"))
+        run = await run_cli(*restore_args(config, "tricky", "--into", "never_made"))
+    assert run.returncode == 5, run.stdout + run.stderr
+    for needed in ("TRIGGER", "CREATE ROUTINE", "EVENT", "CREATE VIEW",
+                   "log_bin_trust_function_creators", "SUPER (the dump's objects name DEFINER"):
+        assert needed in run.stderr, run.stderr
+    assert "nothing was changed" in run.stderr
+    assert "never_made" not in databases(mariadb)
+
+
+def inject_a_failing_statement(stored: Path) -> None:
+    """Rewrite a stored SQL backup (and its manifest) so that it is whole and verified but
+    its load fails on the server after the first table: a failure half-way."""
+    import hashlib
+
+    import zstandard
+
+    sql = zstandard.ZstdDecompressor().stream_reader(stored.read_bytes()).read()
+    marker = b"UNLOCK TABLES;\n"
+    cut = sql.index(marker) + len(marker)
+    sql = sql[:cut] + b"INSERT INTO `no_such_table` VALUES (1);\n" + sql[cut:]
+    data = zstandard.ZstdCompressor().compress(sql)
+    stored.chmod(0o640)
+    stored.write_bytes(data)
+    manifest = manifest_of(stored)
+    manifest.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    write_manifest(stored, manifest)
+
+
+async def test_a_restore_failing_half_way_drops_the_database_it_created(
+    mariadb: MariaDBServer, samples: list[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    """The server fails the load after one table: the new database is dropped again, and
+    the message says both what failed and that it was cleaned."""
+    mariadb.execute("DROP DATABASE IF EXISTS half_done")
+    pw = password_file(tmp_path, mariadb.root_password)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw)
+        )
+        assert (await run_agent(config)).returncode == 0
+        (stored,) = backups(deployment.store, "db1", "tricky")
+        inject_a_failing_statement(stored)
+        run = await run_cli(*restore_args(config, "tricky", "--into", "half_done"))
+    assert run.returncode == 5, run.stdout + run.stderr
+    assert "no_such_table" in run.stderr
+    assert "'half_done', which this restore created, dropped again" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert "half_done" not in databases(mariadb)
+
+
+async def test_a_restore_failing_half_way_into_an_empty_database_leaves_it_empty(
+    mariadb: MariaDBServer, samples: list[str], deployment: Deployment, tmp_path: Path
+) -> None:
+    mariadb.execute("DROP DATABASE IF EXISTS kept_empty")
+    mariadb.execute("CREATE DATABASE kept_empty")
+    pw = password_file(tmp_path, mariadb.root_password)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '["tricky"]', password_file=pw)
+        )
+        assert (await run_agent(config)).returncode == 0
+        (stored,) = backups(deployment.store, "db1", "tricky")
+        inject_a_failing_statement(stored)
+        run = await run_cli(*restore_args(config, "tricky", "--into", "kept_empty"))
+    assert run.returncode == 5, run.stdout + run.stderr
+    assert "emptied again" in run.stderr
+    assert "kept_empty" in databases(mariadb)
+    assert object_counts(mariadb, "kept_empty") == object_counts(mariadb, "no_such_database")

@@ -322,9 +322,12 @@ def test_rotation_archives_old_files_and_revokes_them_after_grace(
 # --- collector and agent trust, without a network ------------------------------------
 
 
-def test_authenticator_refuses_config_that_lets_nobody_in(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no agent can authenticate"):
-        AgentAuthenticator({}, None, None)
+def test_authenticator_without_agents_lets_nobody_in(agent_key: ca.KeyPairFiles) -> None:
+    """A fresh collector, before any enrolment: it starts, and admits no one."""
+    auth = AgentAuthenticator({}, None, None)
+    assert auth.admits_nobody
+    key = asyncssh.read_public_key(str(agent_key.public))
+    assert not auth.validate_public_key("db1", key)
 
 
 def test_authenticator_refuses_one_key_for_two_agents(agent_key: ca.KeyPairFiles) -> None:

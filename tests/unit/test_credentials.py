@@ -1,7 +1,9 @@
-"""Password files under one rule (owner-only, one line), and scrubbing passwords from text."""
+"""Password files under one rule (nothing for others, group only on root's files, one line),
+and scrubbing passwords from text."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,10 @@ def test_a_world_readable_file_is_refused_with_the_fix(tmp_path: Path) -> None:
     [(0o640, "readable by its group"), (0o604, "readable by everyone"), (0o620, "group")],
 )
 def test_any_access_for_group_or_others_is_refused(tmp_path: Path, mode: int, why: str) -> None:
+    """Group access is refused on a file of any account but root (see the next test)."""
     path = secret_file(tmp_path, "s3cret\n", mode)
+    if os.geteuid() == 0:
+        os.chown(path, 1, 1)
     message = refusal(path)
     assert why in message
     assert f"mode {mode:04o}" in message and "chmod 600" in message
@@ -123,3 +128,13 @@ def test_scrub_ignores_absent_passwords() -> None:
 
 def test_scrub_masks_the_longer_of_two_overlapping_secrets_whole() -> None:
     assert scrub("key=longsecret", "long", "longsecret") == "key=***"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to root needs root")
+def test_a_password_file_of_root_readable_by_the_service_group_is_read(tmp_path: Path) -> None:
+    """The installed layout: owner root, group the service's, 0640; others still refused."""
+    path = secret_file(tmp_path, "s3cret\n", 0o640)
+    os.chown(path, 0, 1)
+    assert read_secret_file(path, WHERE) == "s3cret"
+    path.chmod(0o604)
+    assert "readable by everyone" in refusal(path)
