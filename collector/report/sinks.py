@@ -44,7 +44,7 @@ class MetricsSink:
         self.metrics.backup_finished(
             outcome.agent, outcome.database, outcome.backup_id,
             "success" if outcome.result == "success" else "failure",
-            outcome.reason, outcome.size_bytes, outcome.duration_s,
+            outcome.reason, outcome.size_bytes, outcome.duration_s, outcome.uncompressed_bytes,
         )
 
     def agent_seen(self, agent: str) -> None:
@@ -94,8 +94,12 @@ def seed_from_store(metrics: CollectorMetrics, config: CollectorConfig) -> None:
             except ValueError:
                 continue
             size = manifest.get("size")
+            verification = manifest.get("verification")
+            uncompressed = (verification.get("uncompressed_bytes")
+                            if isinstance(verification, dict) else None)
             metrics.seed_last_success(agent.name, database, when,
-                                      size if isinstance(size, int) else None)
+                                      size if isinstance(size, int) else None,
+                                      uncompressed if isinstance(uncompressed, int) else None)
 
 
 async def build_sinks(config: CollectorConfig) -> tuple[list[OutcomeSink], list[Closer]]:
@@ -108,7 +112,10 @@ async def build_sinks(config: CollectorConfig) -> tuple[list[OutcomeSink], list[
     closers: list[Closer] = []
     registry = CollectorRegistry()
     expected = {a.name: a.databases or () for a in config.agents}
-    metrics = CollectorMetrics(registry, expected, Path(config.storage.root))
+    expectations = {(a.name, database): a.expectations.for_database(database)
+                    for a in config.agents for database in a.databases or ()}
+    metrics = CollectorMetrics(registry, expected, Path(config.storage.root),
+                               expectations=expectations)
     # After CollectorMetrics: a finding shows one scrape later, so Prometheus sees the step.
     registry.register(VerifyStatusReader(Path(config.storage.root), metrics.verify_mismatch))
     await asyncio.to_thread(seed_from_store, metrics, config)
