@@ -82,24 +82,6 @@ def test_rule_unit_tests_cover_every_alert() -> None:
     assert alerts == tested
 
 
-def test_hourly_evaluated_rule_tests_hold_no_rule_with_a_for_duration() -> None:
-    """An hourly evaluation cannot show a hold of minutes, so those rules stay out."""
-    held = _alerts_with_for(RULES.read_text())
-    assert "BackhaulStorageLow" in held
-    tested = set(re.findall(r"^\s*alertname: (\w+)$", LONG_RULE_TESTS.read_text(), re.MULTILINE))
-    assert tested and not tested & held
-
-
-def _alerts_with_for(rules: str) -> set[str]:
-    held, alert = set(), None
-    for line in rules.splitlines():
-        if match := re.match(r"^\s*- alert: (\w+)$", line):
-            alert = match[1]
-        elif re.match(r"^\s+for:", line) and alert is not None:
-            held.add(alert)
-    return held
-
-
 def _anchor(heading: str) -> str:
     """The anchor a Markdown renderer gives a heading: lower case, spaces to dashes."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
