@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncssh
 
+from collector.report.expectations import AgentExpectations, parse_agent_expectations
 from collector.report.notify import NotifyConfig, parse_notify_config
 from collector.store.retention import RetentionPolicy, parse_retention
 from common.config import Table, load_toml, parse_host_port
@@ -31,6 +32,7 @@ class AgentEntry:
     public_key: Path | None
     databases: tuple[str, ...] | None  # allow-list and expected set; None = any
     max_backup_bytes: int | None = None
+    expectations: AgentExpectations = field(default_factory=AgentExpectations)
 
 
 @dataclass(frozen=True)
@@ -225,8 +227,13 @@ def _agent(table: Table, server: ServerConfig) -> AgentEntry:
                 from None
     databases = table.str_list("databases", None)
     max_bytes = table.integer("max_backup_bytes", 0)
+    expected = {key: table.raw(key) for key in _EXPECTATION_KEYS if table.has(key)}
+    expectations = parse_agent_expectations(expected, databases, table.where(""))
     table.done()
-    return AgentEntry(name, public_key, databases, max_bytes or None)
+    return AgentEntry(name, public_key, databases, max_bytes or None, expectations)
+
+
+_EXPECTATION_KEYS = ("expected_interval", "shrink_factor", "expected_intervals")
 
 
 def _check_private_key(path: Path, where: str) -> None:

@@ -29,14 +29,25 @@ catch-all never hides a real database. The number of series is therefore at most
 What ``_other`` records: the attempt counters, the last attempt's time and result, and
 running backups, so a failure of an unlisted database still raises an alert. It records
 no "last success" time, size or duration: those describe one database, and a mix of
-several would only mislead the missing-backup and too-small rules.
+several would only mislead the missing-backup and shrink rules.
+
+Sizes: ``backhaul_backup_last_size_bytes`` has a ``form`` label, ``compressed`` (the
+stored file) and ``uncompressed`` (the dump itself, as the collector counted it while
+verifying). The shrink rule reads the uncompressed size, which a change of compression
+level or algorithm does not move.
+
+Expectations: for every configured (agent, database) the interval at which a backup is
+expected and the shrink factor below which a backup is suspicious, both from
+``collector.toml`` (see :mod:`collector.report.expectations`); the rules compare each
+database with its own values.
 
 Series that exist from start-up: for every configured (agent, database) the last success
-and last attempt timestamps (0 = never), running count and oldest running age (0), and
-the bit-rot counter; for every configured agent its last-seen timestamp (0 = never). The
-last attempt's result (1 = success, 0 = failure) appears with the first attempt, because
-before it neither value would be true. Drill series appear with the first drill, so a
-site that does not run drills gets no drill alerts.
+and last attempt timestamps (0 = never), running count and oldest running age (0), the
+bit-rot counter, the expected interval and the shrink factor; for every configured agent
+its last-seen timestamp (0 = never). The last attempt's result (1 = success, 0 = failure)
+appears with the first attempt, because before it neither value would be true. Drill
+series appear with the first drill, so a site that does not run drills gets no drill
+alerts.
 
 These values are held in memory; the shipped rules use ``max_over_time`` and
 ``last_over_time`` so that a collector restart does not silence an alert, and
@@ -47,6 +58,7 @@ the stored manifests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import platform
@@ -63,6 +75,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from collector.report.expectations import Expectation
 from common.errors import ConfigError, RejectCode
 
 __all__ = [
@@ -109,6 +122,7 @@ REASON_NONE = "none"
 REASON_OTHER = "other"
 
 Result = Literal["success", "failure"]
+SIZE_FORMS = ("compressed", "uncompressed")
 Clock = Callable[[], float]
 
 
@@ -290,11 +304,14 @@ class CollectorMetrics:
         clock: Clock = time.time,
         *,
         version: str | None = None,
+        expectations: Mapping[tuple[str, str], Expectation] | None = None,
     ) -> None:
         """Register all metrics on ``registry`` and create the series expected from start.
 
         ``expected`` maps each configured agent to the databases it should back up, or
-        to None for every database (see the module docstring).
+        to None for every database (see the module docstring); ``expectations`` gives an
+        (agent, database) its interval and shrink factor, the defaults (daily, 0.5) for
+        any pair it does not name.
 
         Raises:
             ConfigError: a configured name is empty or is the reserved ``_other``.
@@ -328,8 +345,22 @@ class CollectorMetrics:
             registry=registry,
         )
         self._last_size = Gauge(
-            "backhaul_backup_last_success_size_bytes",
-            "Stored size of the last successful backup in bytes.",
+            "backhaul_backup_last_size_bytes",
+            "Size of the last successful backup in bytes: form is compressed (the stored "
+            "file) or uncompressed (the dump).",
+            [*pair, "form"],
+            registry=registry,
+        )
+        self._expected_interval = Gauge(
+            "backhaul_backup_expected_interval_seconds",
+            "Interval at which a successful backup is expected, from collector.toml.",
+            pair,
+            registry=registry,
+        )
+        self._shrink_factor = Gauge(
+            "backhaul_backup_shrink_factor",
+            "A backup smaller than this share of the largest of the last 7 days is "
+            "suspicious, from collector.toml.",
             pair,
             registry=registry,
         )
@@ -392,10 +423,15 @@ class CollectorMetrics:
 
         start_time.set(clock())
         build.info({"version": version or _package_version(), "python": platform.python_version()})
-        self._create_initial_series()
+        self._create_initial_series(expectations or {})
 
-    def expect(self, expected: Mapping[str, Sequence[str] | None]) -> None:
-        """A reloaded configuration: new agents and databases get their series now.
+    def expect(
+        self,
+        expected: Mapping[str, Sequence[str] | None],
+        expectations: Mapping[tuple[str, str], Expectation] | None = None,
+    ) -> None:
+        """A reloaded configuration: new agents and databases get their series now, and
+        every listed database its (perhaps changed) expected interval and shrink factor.
 
         Series of agents no longer configured stay until the collector restarts.
 
@@ -404,16 +440,23 @@ class CollectorMetrics:
         """
         agents, pairs = set(self._policy.expected), set(self._policy.expected_pairs())
         self._policy.update(expected)
-        self._create_initial_series(agents, pairs)
+        self._create_initial_series(expectations or {}, agents, pairs)
 
-    def _create_initial_series(self, agents: Collection[str] = (),
-                               pairs: Collection[tuple[str, str]] = ()) -> None:
+    def _create_initial_series(
+        self,
+        expectations: Mapping[tuple[str, str], Expectation],
+        agents: Collection[str] = (),
+        pairs: Collection[tuple[str, str]] = (),
+    ) -> None:
         """Series of configured names, at 0, except those of ``agents`` and ``pairs``,
-        which exist already and keep their values."""
+        which exist already and keep their values; expectations are set for every pair."""
         for agent in self._policy.expected:
             if agent not in agents:
                 self._agent_seen.labels(agent).set(0)
         for agent, database in self._policy.expected_pairs():
+            expectation = expectations.get((agent, database), Expectation())
+            self._expected_interval.labels(agent, database).set(expectation.interval_s)
+            self._shrink_factor.labels(agent, database).set(expectation.shrink_factor)
             if (agent, database) in pairs:
                 continue
             self._last_success.labels(agent, database).set(0)
@@ -439,10 +482,12 @@ class CollectorMetrics:
         reason: str | None,
         size_bytes: int,
         duration_s: float,
+        uncompressed_bytes: int | None = None,
     ) -> None:
         """A backup was stored (``success``) or aborted, rejected or lost (``failure``).
 
-        ``size_bytes`` and ``duration_s`` are recorded for a success only.
+        ``size_bytes`` (stored, compressed), ``uncompressed_bytes`` and ``duration_s`` are
+        recorded for a success only.
 
         Raises:
             ValueError: ``result`` is neither ``"success"`` nor ``"failure"``.
@@ -460,8 +505,18 @@ class CollectorMetrics:
         self._last_result.labels(*labels).set(1)
         if labels[1] != OTHER:
             self._last_success.labels(*labels).set(now)
-            self._last_size.labels(*labels).set(max(size_bytes, 0))
+            self._set_sizes(labels, size_bytes, uncompressed_bytes)
             self._last_duration.labels(*labels).set(max(duration_s, 0.0))
+
+    def _set_sizes(
+        self, labels: tuple[str, str], compressed: int, uncompressed: int | None
+    ) -> None:
+        self._last_size.labels(*labels, "compressed").set(max(compressed, 0))
+        if uncompressed is not None:
+            self._last_size.labels(*labels, "uncompressed").set(max(uncompressed, 0))
+        else:  # an older size would be compared with a newer backup's
+            with contextlib.suppress(KeyError):
+                self._last_size.remove(*labels, "uncompressed")
 
     def report_received(self, agent: str, database: str | None, reason: str) -> None:
         """An agent reported it could not start a dump: a failed attempt.
@@ -512,7 +567,12 @@ class CollectorMetrics:
         self._notifications_failed.labels(_channel_label(channel)).inc()
 
     def seed_last_success(
-        self, agent: str, database: str, timestamp: float, size_bytes: int | None = None
+        self,
+        agent: str,
+        database: str,
+        timestamp: float,
+        size_bytes: int | None = None,
+        uncompressed_bytes: int | None = None,
     ) -> None:
         """Restore a configured database's last success from storage at start-up.
 
@@ -526,7 +586,7 @@ class CollectorMetrics:
             return
         gauge.set(timestamp)
         if size_bytes is not None:
-            self._last_size.labels(*labels).set(max(size_bytes, 0))
+            self._set_sizes(labels, size_bytes, uncompressed_bytes)
 
 
 def _channel_label(channel: str) -> str:

@@ -25,6 +25,7 @@ class Outcome:
     reason: str | None  # one word for failures (a RejectCode value or an agent reason)
     message: str  # one line, already escaped for logs
     size_bytes: int = 0
+    uncompressed_bytes: int | None = None  # the dump's own size, counted while verifying
     duration_s: float = 0.0
     name: str | None = None  # the stored name on success
     is_report: bool = False

@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from collector.config import CollectorConfig
+from collector.report.expectations import Expectation
 from collector.report.metrics import CollectorMetrics, serve_metrics
 from collector.report.notify import Event, Notifier
 from collector.report.outcomes import Outcome, OutcomeSink
@@ -44,7 +45,7 @@ class MetricsSink:
         self.metrics.backup_finished(
             outcome.agent, outcome.database, outcome.backup_id,
             "success" if outcome.result == "success" else "failure",
-            outcome.reason, outcome.size_bytes, outcome.duration_s,
+            outcome.reason, outcome.size_bytes, outcome.duration_s, outcome.uncompressed_bytes,
         )
 
     def agent_seen(self, agent: str) -> None:
@@ -94,8 +95,23 @@ def seed_from_store(metrics: CollectorMetrics, config: CollectorConfig) -> None:
             except ValueError:
                 continue
             size = manifest.get("size")
+            verification = manifest.get("verification")
+            uncompressed = (verification.get("uncompressed_bytes")
+                            if isinstance(verification, dict) else None)
             metrics.seed_last_success(agent.name, database, when,
-                                      size if isinstance(size, int) else None)
+                                      size if isinstance(size, int) else None,
+                                      uncompressed if isinstance(uncompressed, int) else None)
+
+
+def expected_databases(config: CollectorConfig) -> dict[str, tuple[str, ...] | None]:
+    """Each configured agent's databases, or None where it may send any."""
+    return {a.name: a.databases for a in config.agents}
+
+
+def expectations_of(config: CollectorConfig) -> dict[tuple[str, str], Expectation]:
+    """The expected interval and shrink factor of every listed (agent, database)."""
+    return {(a.name, database): a.expectations.for_database(database)
+            for a in config.agents for database in a.databases or ()}
 
 
 async def build_sinks(config: CollectorConfig) -> tuple[list[OutcomeSink], list[Closer]]:
@@ -107,8 +123,8 @@ async def build_sinks(config: CollectorConfig) -> tuple[list[OutcomeSink], list[
     sinks: list[OutcomeSink] = []
     closers: list[Closer] = []
     registry = CollectorRegistry()
-    expected = {a.name: a.databases for a in config.agents}
-    metrics = CollectorMetrics(registry, expected, Path(config.storage.root))
+    metrics = CollectorMetrics(registry, expected_databases(config), Path(config.storage.root),
+                               expectations=expectations_of(config))
     # After CollectorMetrics: a finding shows one scrape later, so Prometheus sees the step.
     registry.register(VerifyStatusReader(Path(config.storage.root), metrics.verify_mismatch))
     await asyncio.to_thread(seed_from_store, metrics, config)

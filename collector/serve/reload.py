@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from collector.config import load_collector_config
 from collector.report.outcomes import OutcomeSink
+from collector.report.sinks import expectations_of, expected_databases
 from collector.serve.server import CollectorServer, make_authenticator
 from common.errors import ConfigError
 
@@ -35,6 +36,6 @@ def reload_agents(server: CollectorServer, sinks: Sequence[OutcomeSink]) -> None
     server.use_agents(config.agents, auth)
     for sink in sinks:
         if isinstance(sink, MetricsSink):
-            sink.metrics.expect({a.name: a.databases for a in config.agents})
+            sink.metrics.expect(expected_databases(config), expectations_of(config))
     log.info("reloaded %s: %d agent(s): %s", path, len(config.agents),
              ", ".join(a.name for a in config.agents) or "none")

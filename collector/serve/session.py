@@ -553,6 +553,7 @@ class _Upload:
             agent=agent, database=database, backup_id=self.backup_id, result="success",
             reason=None, message=f"stored as {stored.name}",
             size_bytes=int(stored.manifest["size"]),
+            uncompressed_bytes=int(stored.manifest["verification"]["uncompressed_bytes"]),
             duration_s=time.monotonic() - self.started_monotonic, name=stored.name,
         ))
         await self.session._send(Stored(stored.name, stored.manifest["sha256"],

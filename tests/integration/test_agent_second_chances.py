@@ -20,22 +20,22 @@ from typing import Any
 
 import aiohttp
 import pytest
-from agent_ops import (
-    ThrottlingProxy,
-    backups,
-    free_port,
-    password_file,
-    start_service,
-    stop_service,
-    wait_for,
-)
 from aiohttp import web
-from harness import Deployment, log_text, mysql_source, run_cli, running_collector
-from mariadb_server import MariaDBServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.db_lock import DatabaseLock
 from agent.run_state import RunState
+from tests.integration.agent_ops import (
+    ThrottlingProxy,
+    backups,
+    password_file,
+    start_service,
+    stop_service,
+)
+from tests.integration.harness import Deployment, log_text, mysql_source, run_cli, running_collector
+from tests.integration.loopback import free_port
+from tests.integration.mariadb_server import MariaDBServer
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import CollectorEndpoint
 from agent.link.retry import RetryPolicy
+from common.naming import MANIFEST_SUFFIX
 from tests.integration.harness import (
     Deployment,
     final_files,
@@ -364,8 +365,13 @@ async def test_metrics_after_real_backups_pass_promtool(
         await promtool_check_metrics(body)
     assert sample(after_success, "backhaul_backups_total", result="success", **pair) == 1
     (backup,) = [p for p in final_files(deployment.store) if p.name.endswith(".sql.zst")]
-    size = sample(after_success, "backhaul_backup_last_success_size_bytes", **pair)
+    size = sample(after_success, "backhaul_backup_last_size_bytes", form="compressed", **pair)
     assert size == (deployment.store / backup).stat().st_size
+    manifest_path = (deployment.store / backup).with_name(backup.name + MANIFEST_SUFFIX)
+    manifest = json.loads(manifest_path.read_text())
+    uncompressed = sample(after_success, "backhaul_backup_last_size_bytes", form="uncompressed",
+                          **pair)
+    assert uncompressed == manifest["verification"]["uncompressed_bytes"] > size
     last_success = sample(after_success, "backhaul_backup_last_success_timestamp_seconds", **pair)
     assert last_success is not None and abs(last_success - time.time()) < 120
     assert CANARY not in after_failure

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from mariadb_server import MariaDBServer
+
+from tests.integration.mariadb_server import MariaDBServer
 
 pytestmark = pytest.mark.integration
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from collector.report.expectations import Expectation
 from collector.report.metrics import OTHER, CollectorMetrics, reason_label
 from common.errors import ConfigError
 
@@ -86,11 +87,12 @@ def test_success_records_times_size_and_duration(
     pair = {"agent": "db1", "database": "hospital"}
     metrics.backup_started("db1", "hospital", "b1")
     clock.now += 30
-    metrics.backup_finished("db1", "hospital", "b1", "success", None, 12345, 29.5)
+    metrics.backup_finished("db1", "hospital", "b1", "success", None, 12345, 29.5, 98765)
     assert value(registry, "backhaul_backup_last_success_timestamp_seconds", **pair) == clock.now
     assert value(registry, "backhaul_backup_last_attempt_timestamp_seconds", **pair) == clock.now
     assert value(registry, "backhaul_backup_last_attempt_success", **pair) == 1
-    assert value(registry, "backhaul_backup_last_success_size_bytes", **pair) == 12345
+    assert value(registry, "backhaul_backup_last_size_bytes", **pair, form="compressed") == 12345
+    assert value(registry, "backhaul_backup_last_size_bytes", **pair, form="uncompressed") == 98765
     assert value(registry, "backhaul_backup_last_success_duration_seconds", **pair) == 29.5
     counted = value(registry, "backhaul_backups_total", **pair, result="success", reason="none")
     assert counted == 1
@@ -108,11 +110,49 @@ def test_failure_keeps_last_success_and_counts_reason(
     assert value(registry, "backhaul_backup_last_success_timestamp_seconds", **pair) == success_at
     assert value(registry, "backhaul_backup_last_attempt_timestamp_seconds", **pair) == clock.now
     assert value(registry, "backhaul_backup_last_attempt_success", **pair) == 0
-    assert value(registry, "backhaul_backup_last_success_size_bytes", **pair) == 100
+    assert value(registry, "backhaul_backup_last_size_bytes", **pair, form="compressed") == 100
     counted = value(
         registry, "backhaul_backups_total", **pair, result="failure", reason="integrity"
     )
     assert counted == 1
+
+
+def test_success_without_an_uncompressed_size_drops_the_older_one(
+    metrics: CollectorMetrics, registry: CollectorRegistry
+) -> None:
+    """An uncompressed size of an older backup must not stand beside a newer backup's."""
+    pair = {"agent": "db1", "database": "hospital"}
+    metrics.backup_finished("db1", "hospital", "b1", "success", None, 10, 1.0, 100)
+    metrics.backup_finished("db1", "hospital", "b2", "success", None, 20, 1.0)
+    assert value(registry, "backhaul_backup_last_size_bytes", **pair, form="compressed") == 20
+    assert value(registry, "backhaul_backup_last_size_bytes", **pair, form="uncompressed") is None
+
+
+def test_expected_interval_and_shrink_factor_default_to_daily_and_half(
+    metrics: CollectorMetrics, registry: CollectorRegistry
+) -> None:
+    for agent, databases in EXPECTED.items():
+        for database in databases:
+            pair = {"agent": agent, "database": database}
+            assert value(registry, "backhaul_backup_expected_interval_seconds", **pair) == 86400
+            assert value(registry, "backhaul_backup_shrink_factor", **pair) == 0.5
+
+
+def test_expectations_are_exported_per_database_and_not_for_other(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    weekly = Expectation(interval_s=7 * 86400, shrink_factor=0.2)
+    hourly = Expectation(interval_s=3600)
+    CollectorMetrics(registry, EXPECTED, tmp_path, expectations={
+        ("db1", "hospital"): weekly, ("mongo1", "patients"): hourly, ("db1", "unlisted"): hourly,
+    })
+    interval = "backhaul_backup_expected_interval_seconds"
+    assert value(registry, interval, agent="db1", database="hospital") == 7 * 86400
+    assert value(registry, "backhaul_backup_shrink_factor", agent="db1", database="hospital") == 0.2
+    assert value(registry, interval, agent="mongo1", database="patients") == 3600
+    assert value(registry, interval, agent="db1", database="sp ace") == 86400
+    assert value(registry, interval, agent="db1", database="unlisted") is None
+    assert value(registry, interval, agent="db1", database=OTHER) is None
 
 
 def test_backup_finished_rejects_unknown_result(metrics: CollectorMetrics) -> None:
@@ -152,7 +192,7 @@ def test_unlisted_database_fails_under_other_without_success_series(
     metrics.backup_finished("db1", "scratch", "b1", "success", None, 10, 1.0)
     assert value(registry, "backhaul_backup_last_attempt_success", **other) == 1
     assert value(registry, "backhaul_backup_last_success_timestamp_seconds", **other) is None
-    assert value(registry, "backhaul_backup_last_success_size_bytes", **other) is None
+    assert value(registry, "backhaul_backup_last_size_bytes", **other, form="compressed") is None
     metrics.backup_finished("db1", "scratch", "b2", "failure", "dump", 0, 1.0)
     assert value(registry, "backhaul_backup_last_attempt_success", **other) == 0
 
@@ -313,11 +353,12 @@ def test_seed_last_success_never_goes_backwards(
     metrics: CollectorMetrics, registry: CollectorRegistry
 ) -> None:
     pair = {"agent": "db1", "database": "hospital"}
-    metrics.seed_last_success("db1", "hospital", 5000.0, size_bytes=42)
-    metrics.seed_last_success("db1", "hospital", 4000.0, size_bytes=7)
+    metrics.seed_last_success("db1", "hospital", 5000.0, size_bytes=42, uncompressed_bytes=420)
+    metrics.seed_last_success("db1", "hospital", 4000.0, size_bytes=7, uncompressed_bytes=70)
     metrics.seed_last_success("db1", "unlisted", 6000.0)
     assert value(registry, "backhaul_backup_last_success_timestamp_seconds", **pair) == 5000
-    assert value(registry, "backhaul_backup_last_success_size_bytes", **pair) == 42
+    assert value(registry, "backhaul_backup_last_size_bytes", **pair, form="compressed") == 42
+    assert value(registry, "backhaul_backup_last_size_bytes", **pair, form="uncompressed") == 420
     other = {"agent": "db1", "database": OTHER}
     assert value(registry, "backhaul_backup_last_success_timestamp_seconds", **other) is None
 
