@@ -194,7 +194,7 @@ class BackupRunner:
 
         def begin() -> Begin:
             return Begin(
-                database=database, engine=adapter.engine, format=adapter.format,
+                database=database, engine=adapter.engine, format=adapter.format_for(database),
                 compression=source.compression, started_at=dump_started or _now(),
                 size_estimate=size_estimate, source=source.name,
             )

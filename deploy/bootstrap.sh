@@ -13,7 +13,7 @@ case "$what" in
   *) echo "usage: $0 demo|test|setup" >&2; exit 2 ;;
 esac
 
-packages=(mariadb-server mariadb-client zstd openssh-client prometheus prometheus-alertmanager systemd
+packages=(mariadb-server mariadb-client postgresql postgresql-contrib zstd openssh-client prometheus prometheus-alertmanager systemd
           python3 python3-venv python3-dev gcc ca-certificates curl)
 missing=()
 for pkg in "${packages[@]}"; do

@@ -23,7 +23,7 @@ from datetime import date
 from typing import Any, Protocol
 
 from agent.config import AgentConfig, SourceConfig
-from agent.engines.adapters import MongoAdapter, MySQLAdapter, adapter_for
+from agent.engines.adapters import MongoAdapter, MySQLAdapter, PostgresAdapter, adapter_for
 from agent.link.connection import CollectorClient
 from agent.link.requests import Fetched, fetch, list_backups
 from agent.restore.targets import Loader, MongoLoader, MySQLLoader
@@ -32,6 +32,7 @@ from common.errors import BackhaulError, ConfigError, ExitCode, IntegrityError
 from common.logsetup import escape_control
 from common.mongo_archive import ArchiveVerifier
 from common.naming import EXTENSIONS, parse_backup_name
+from common.pg_archive import PgArchiveChecker, PgSqlChecker
 
 log = logging.getLogger(__name__)
 SQL_TRAILER = b"-- Dump completed"
@@ -145,6 +146,10 @@ def loader_for(source: SourceConfig, *, skip_binlog: bool = False) -> Loader:
     adapter = adapter_for(source)
     if isinstance(adapter, MySQLAdapter):
         return MySQLLoader(adapter.params, skip_binlog=skip_binlog)
+    if isinstance(adapter, PostgresAdapter):
+        from agent.restore.pg_loader import PostgresLoader
+
+        return PostgresLoader(adapter.params)
     assert isinstance(adapter, MongoAdapter)
     return MongoLoader(adapter.params)
 
@@ -261,13 +266,26 @@ def _check_manifest(fetched: Fetched, summary: dict[str, Any], fmt: str, compres
         raise IntegrityError(f"{fetched.name}: its manifest does not match its name")
 
 
+class _FormatChecker(Protocol):
+    def feed(self, data: bytes) -> None: ...
+    def finish(self) -> object: ...
+
+
+# Formats whose completeness a parser proves; SQL dumps are judged by their trailer.
+_PARSED: dict[str, Callable[[], _FormatChecker]] = {
+    "archive": ArchiveVerifier,
+    "pgdump": PgArchiveChecker,
+    "pgsql": PgSqlChecker,
+}
+
+
 class _Check:
     """Decompresses a fetched stream and checks the dump inside is complete."""
 
     def __init__(self, fmt: str, compression: str) -> None:
         self._fmt = fmt
         self._pending: list[bytes] = []
-        self._archive = ArchiveVerifier() if fmt == "archive" else None
+        self._archive = _PARSED[fmt]() if fmt in _PARSED else None
         self._checker = StreamChecker(compression, sink=self._take, max_ratio=MAX_RATIO)
 
     @property

@@ -3,7 +3,8 @@ stream decoded to its end, and the dump format's own completeness mark.
 
 SQL dumps must end with the dump tool's `-- Dump completed` trailer, which mariadb-dump
 and mysqldump write only after the last table. MongoDB archives are parsed to their
-end with every namespace's CRC checked.
+end with every namespace's CRC checked. PostgreSQL archives and plain SQL are checked
+by :mod:`common.pg_archive` (TOC and data blocks; completion comment).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 
 from common.compression import StreamChecker
 from common.errors import IntegrityError
+from common.pg_archive import PgArchiveChecker, PgSqlChecker
 
 SQL_TRAILER = b"-- Dump completed"
 
@@ -54,7 +56,25 @@ def _archive_check() -> FormatCheck:
     return _Check()
 
 
-FORMAT_CHECKS: dict[str, Callable[[], FormatCheck]] = {"sql": SqlCheck, "archive": _archive_check}
+class _PgCheck:
+    """The PostgreSQL checkers of :mod:`common.pg_archive` in this module's interface."""
+
+    def __init__(self, checker: PgArchiveChecker | PgSqlChecker) -> None:
+        self._checker = checker
+
+    def feed(self, data: bytes) -> None:
+        self._checker.feed(data)
+
+    def finish(self, tail: bytes) -> dict[str, Any]:
+        return self._checker.finish()
+
+
+FORMAT_CHECKS: dict[str, Callable[[], FormatCheck]] = {
+    "sql": SqlCheck,
+    "archive": _archive_check,
+    "pgdump": lambda: _PgCheck(PgArchiveChecker()),
+    "pgsql": lambda: _PgCheck(PgSqlChecker()),
+}
 
 
 class IngestVerifier:
