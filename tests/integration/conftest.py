@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from harness import Deployment
 from mariadb_server import MariaDBNotInstalled, MariaDBServer
+from pg_sample_data import create_sample_databases as create_pg_samples
+from postgres_server import PostgresNotInstalled, PostgresServer
 from sample_data import create_sample_databases
 
 # -- MariaDB ---------------------------------------------------------------------------------
@@ -57,3 +59,41 @@ def deployment(tmp_path: Path) -> Deployment:
     deployment = Deployment(tmp_path)
     deployment.add_agent("db1")
     return deployment
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _new_postgres() -> PostgresServer:
+    try:
+        server = PostgresServer()
+    except PostgresNotInstalled as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the test module; tests must not stop it."""
+    server = _new_postgres()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_fresh() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, for tests that stop or break it."""
+    server = _new_postgres()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def pg_samples(postgres: PostgresServer) -> list[str]:
+    """The tricky sample databases, created once per module."""
+    return create_pg_samples(postgres)
