@@ -24,6 +24,7 @@ Both raise :class:`~common.errors.IntegrityError`, as the other format checks do
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Generator
 from typing import Any
 
@@ -65,6 +66,7 @@ class PgArchiveChecker:
         self._buf = bytearray()
         self._pos = 0
         self._int_size = 4
+        self._int_struct = struct.Struct("<BI")
         self.version: tuple[int, int, int] | None = None
         self.entries = 0
         self.expected: set[int] = set()
@@ -176,6 +178,7 @@ class PgArchiveChecker:
             )
         self._int_size = int_size
         self._off_size = off_size
+        self._int_struct = struct.Struct("<BI" if int_size == 4 else "<BQ")
         if (vmaj, vmin) >= (1, 15):
             yield from self._take(1)  # compression algorithm
         else:
@@ -217,12 +220,15 @@ class PgArchiveChecker:
     def _chunks(self) -> _Wait:
         """Length-prefixed chunks up to the zero length; data bytes are skipped, not kept."""
         width = 1 + self._int_size
+        unpack = self._int_struct.unpack_from
         while True:
             # The hot loop: pg_dump writes one chunk per table row, so walk the buffer
             # directly and go back to the generator only when it runs dry.
             buf, pos, end = self._buf, self._pos, len(self._buf)
             while pos + width <= end:
-                length = _decode_int(buf[pos : pos + width])
+                negative, length = unpack(buf, pos)
+                if negative:
+                    length = -length
                 if length == 0:
                     self._pos = pos + width
                     return

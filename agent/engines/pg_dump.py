@@ -111,6 +111,14 @@ def client_environment(params: PgParams, database: str | None, pass_file: Path) 
     return env
 
 
+def dump_arguments() -> list[str]:
+    """``pg_dump``'s arguments: custom format, uncompressed (module doc), never a prompt.
+
+    pg_dump always dumps from one snapshot in one transaction; nothing to ask for.
+    """
+    return ["--format=custom", "--compress=0", "--no-password"]
+
+
 @contextlib.contextmanager
 def _no_passfile() -> Iterator[Path]:
     yield Path(os.devnull)
@@ -153,9 +161,7 @@ class PgDump(ToolDump):
         if self.globals:
             extra = [] if self.role_passwords else ["--no-role-passwords"]
             return ["--globals-only", "--no-password", "--database=postgres", *extra]
-        # Custom format, uncompressed (module doc); a snapshot in one transaction is what
-        # pg_dump always takes. --no-password: never wait on a prompt.
-        return ["--format=custom", "--compress=0", "--no-password"]
+        return dump_arguments()
 
     def _environment(self, credentials: Path) -> dict[str, str]:
         return client_environment(self.params, None if self.globals else self.database,
