@@ -303,7 +303,8 @@ class PostgresAdapter:
 
         stream: AbstractAsyncContextManager[DumpStream] = PgDump(
             self.params, database, chunk_size=DUMP_CHUNK,
-            role_passwords=self._superuser.pop(database, True),
+            # get, not pop: a dump stopped to wait for the collector starts again.
+            role_passwords=self._superuser.get(database, True),
         )
         return stream
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Protocol
 
-from agent.config import AgentConfig, SourceConfig
+from agent.config import PG_GLOBALS, AgentConfig, SourceConfig
 from agent.engines.adapters import MongoAdapter, MySQLAdapter, PostgresAdapter, adapter_for
 from agent.link.connection import CollectorClient
 from agent.link.requests import Fetched, fetch, list_backups
@@ -170,6 +170,9 @@ async def restore(
         TransportError, RejectedError, RemoteProtocolError: talking to the collector failed.
     """
     source = pick_source(config, request.source)
+    if source.engine == "postgresql" and request.database == PG_GLOBALS and request.into:
+        raise ConfigError("the globals (roles, tablespaces) belong to the whole server: "
+                          "restore them without --into")
     loader = loader_for(source)
     target = request.target
     loader.check_name(target)

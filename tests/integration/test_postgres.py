@@ -99,7 +99,9 @@ async def test_globals_restore_brings_back_a_dropped_role(
                                        pg_source(postgres, '["my-db"]', password_file=pw))
         assert (await run_agent(config)).returncode == 0
         postgres.execute("postgres", "DROP ROLE auditor")
+        elsewhere = await run_cli(*restore_args(config, "_globals", "--into", "x"))
         run = await run_cli(*restore_args(config, "_globals"))
+    assert elsewhere.returncode == 2 and "without --into" in elsewhere.stderr
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("restored _globals_")
     assert postgres.query("postgres", "SELECT rolconnlimit, rolcanlogin FROM pg_roles "
