@@ -61,6 +61,8 @@ async def test_backup_of_a_stopped_server_fails_clearly_and_stores_nothing(
     assert run.returncode == ExitCode.DUMP, run.stdout + run.stderr
     assert f"PostgreSQL at 127.0.0.1:{postgres_fresh.port}: server not running" in \
         log_text(deployment.agent_logs)
+    # The collector, which alerts, heard of it.
+    assert "agent db1 reports failure (dump)" in log_text(deployment.collector_logs)
     assert final_files(deployment.store) == []
     assert "Traceback" not in run.stderr
 
