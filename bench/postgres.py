@@ -12,7 +12,9 @@ by round in the balanced order of ``balanced_order``::
 
 The baselines run the same ``pg_dump`` with the agent's arguments and the same
 credentials (a 0600 passfile). The agent's peak RSS is sampled from ``/proc`` (VmHWM)
-and cross-checked with ``wait4``'s ``ru_maxrss``.
+and cross-checked with ``wait4``'s ``ru_maxrss``. ``--receiver-nice N`` runs the
+receiving side of both (the collector; sshd and what it forks) at niceness N, as in
+``core_path.py``: on one machine the receiver otherwise takes CPU from the dump.
 
 Usage::
 
@@ -60,7 +62,7 @@ from _common import (
     tool_version,
     wait_for_ssh_banner,
 )
-from core_path import INTEGRATION, Sshd, console_script
+from core_path import INTEGRATION, Sshd, console_script, niced
 
 METHODS = {
     "A": "backhaul-agent backup (to a loopback collector)",
@@ -163,8 +165,9 @@ class Bench:
         self.collector_log = self.tmp / "collector.stderr"
         with self.collector_log.open("wb") as err:
             self.collector = subprocess.Popen(
-                [*console_script("backhaul-collector", "collector.cli"), "serve", "--config",
-                 str(config)], stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+                niced([*console_script("backhaul-collector", "collector.cli"), "serve",
+                       "--config", str(config)], self.args.receiver_nice),
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         wait_for_ssh_banner(port, self.collector, "backhaul-collector")
 
     def harness_source(self) -> str:
@@ -176,7 +179,7 @@ class Bench:
     def start_sshd(self) -> None:
         (self.tmp / "sshd").mkdir()
         self.sshd = Sshd(self.tmp / "sshd", self.harness.ssh_keygen,
-                         self.agent_key.with_suffix(".pub"), 0)
+                         self.agent_key.with_suffix(".pub"), self.args.receiver_nice)
         self.sshd.start()
         self.remote = self.tmp / "remote"
         self.remote.mkdir()
@@ -274,7 +277,8 @@ class Bench:
         return {
             "benchmark": "postgres",
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            "args": {"size_gb": self.args.size_gb, "repeat": self.args.repeat},
+            "args": {"size_gb": self.args.size_gb, "repeat": self.args.repeat,
+                     "receiver_nice": self.args.receiver_nice},
             "machine": {**machine_info(load_before, {
                 "pg_dump": tool_version(["pg_dump", "--version"]),
                 "zstd": tool_version(["zstd", "--version"])}), "source": source_revision()},
@@ -307,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--receiver-nice", type=int, default=0, metavar="N",
+                        help="run the receiving side (collector; sshd) at niceness N, so it "
+                             "stands for another machine (as core_path.py)")
     args = parser.parse_args(argv)
     bench = Bench(args)
     try:
