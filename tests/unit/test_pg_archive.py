@@ -172,3 +172,25 @@ def test_plain_sql_of_pg_dump_passes_too() -> None:
     for byte in b"SET x = 1;\n--\n-- PostgreSQL database dump complete\n--\n\n":
         checker.feed(bytes([byte]))
     assert checker.finish() == {}
+
+
+@pytest.mark.parametrize("fmt", ["pgdump", "pgsql"])
+def test_the_collector_ingest_check_runs_the_postgresql_checkers(fmt: str) -> None:
+    """IngestVerifier takes both PostgreSQL formats; a cut stream is refused at END."""
+    import hashlib
+
+    import zstandard
+
+    from collector.serve.ingest_check import IngestVerifier
+
+    raw = archive() if fmt == "pgdump" else DUMPALL
+    for data, whole in ((raw, True), (raw[:-1], False)):
+        stream = zstandard.ZstdCompressor(level=3).compress(data)
+        verifier = IngestVerifier(fmt, "zstd", max_ratio=None)
+        verifier.feed(stream)
+        digest = hashlib.sha256(stream).hexdigest()
+        if whole:
+            assert verifier.finish(len(stream), digest)["uncompressed_bytes"] == len(data)
+        else:
+            with pytest.raises(IntegrityError, match="did not finish"):
+                verifier.finish(len(stream), digest)
