@@ -8,11 +8,13 @@ ordered rows) with the originals on the same server.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 from agent_ops import backups, manifest_of, password_file
-from harness import Deployment, log_text, run_agent, run_cli, running_collector
+from harness import ROOT, Deployment, log_text, run_agent, run_cli, running_collector
 from pg_ops import pg_source, run_tool, stock_env
 from pg_sample_data import HYPHEN, READER_ROLE, TRICKY, UNICODE, fingerprint
 from postgres_server import PostgresServer
@@ -72,6 +74,12 @@ async def test_stock_tools_read_the_stored_archive(
     assert run.returncode == 0, run.stdout + run.stderr
     (backup,) = backups(deployment.store, "db1", TRICKY)
     (globals_,) = backups(deployment.store, "db1", "_globals")
+    # The collector's own re-check from disk (the weekly `verify`) reads both formats.
+    status, out, err = await run_tool(
+        sys.executable, "-m", "collector.cli", "verify", "--config",
+        str(deployment.collector_toml()), "--all", env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert status == 0, out + err
+    assert out.decode().splitlines()[-1] == "2 backup(s) checked, 0 mismatch(es)"
     postgres.execute("postgres", "DROP DATABASE IF EXISTS stock", "CREATE DATABASE stock")
     env = stock_env(postgres)
     _, archive, _ = await run_tool("zstd", "-dc", str(backup))
