@@ -72,6 +72,7 @@ class PgArchiveChecker:
         self.expected: set[int] = set()
         self.seen: set[int] = set()
         self.large_objects = 0
+        self.tables = 0  # TOC entries of tables (partitions included), for restore drills
         self.facts: dict[str, Any] = {}
         self._where = "the archive header"
         self._between_blocks = False
@@ -104,7 +105,7 @@ class PgArchiveChecker:
                 f"{'y' if len(missing) == 1 else 'ies'} ({shown}): the dump did not finish"
             )
         return {"pg_archive": {**self.facts, "toc_entries": self.entries,
-                               "data_entries": len(self.expected),
+                               "data_entries": len(self.expected), "tables": self.tables,
                                "large_objects": self.large_objects}}
 
     # -- primitives: each waits (yields) until its bytes are buffered ----------------------
@@ -199,8 +200,10 @@ class PgArchiveChecker:
             raise IntegrityError(f"PostgreSQL archive: TOC entry id {dump_id} out of range")
         assert self.version is not None
         # tableoid, oid, tag, desc; section; defn, drop, copy, namespace, tablespace
-        for _ in range(4):
+        for _ in range(3):
             yield from self._str()
+        if (yield from self._str()) == b"TABLE":
+            self.tables += 1
         yield from self._int()
         strings = 5 + (1 if self.version[:2] >= (1, 14) else 0)
         for _ in range(strings):

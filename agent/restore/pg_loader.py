@@ -88,12 +88,15 @@ class PostgresLoader:
             cur.execute(sql.SQL(statement).format(sql.Identifier(target)))
 
     def count_tables(self, target: str) -> int:
-        """Tables (and partitions) of ``target`` outside the system schemas; blocking."""
+        """Tables (and partitions) of ``target`` outside the system schemas, less those an
+        extension creates (the archive has no TABLE entry for them); blocking."""
         with connect(self.params, target) as cur:
             cur.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n "
                         "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
                         "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                        "AND n.nspname NOT LIKE 'pg\\_%%'")
+                        "AND n.nspname NOT LIKE 'pg\\_%%' AND NOT EXISTS (SELECT 1 FROM "
+                        "pg_depend d WHERE d.classid = 'pg_class'::regclass "
+                        "AND d.objid = c.oid AND d.deptype = 'e')")
             row = cur.fetchone()
         return int(row[0]) if row else 0
 

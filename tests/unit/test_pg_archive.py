@@ -81,6 +81,7 @@ def test_a_whole_archive_passes_with_its_facts(version: tuple[int, int]) -> None
     facts = check(archive(version))["pg_archive"]
     assert isinstance(facts, dict)
     assert facts["toc_entries"] == 4 and facts["data_entries"] == 2
+    assert facts["tables"] == 2  # the entries without data are the tables here
     assert facts["large_objects"] == 2
     assert facts["archive_version"] == f"{version[0]}.{version[1]}.0"
 

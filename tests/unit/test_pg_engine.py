@@ -104,3 +104,26 @@ def test_params_repr_hides_the_password() -> None:
 
 def test_conninfo_quote_keeps_a_name_one_value() -> None:
     assert conninfo_quote("a b' host=evil \\") == "'a b\\' host=evil \\\\'"
+
+
+class CountingLoader:
+    """Stands for PostgresLoader's table count, the one thing the comparison reads."""
+
+    def __init__(self, tables: int) -> None:
+        self.tables = tables
+
+    def count_tables(self, target: str) -> int:
+        return self.tables
+
+
+@pytest.mark.parametrize(("restored", "ok"), [(6, True), (5, False)])
+async def test_a_postgresql_drill_compares_restored_tables_with_the_archive(
+    restored: int, ok: bool
+) -> None:
+    from agent.restore.drill import _compare_postgres
+
+    manifest = {"verification": {"pg_archive": {"tables": 6}}}
+    result = await _compare_postgres(CountingLoader(restored), "scratch", manifest)  # type: ignore[arg-type]
+    assert result.ok is ok
+    assert ("as the archive lists" if ok else "lists 6 table(s), the restored database "
+            "holds 5") in result.message
