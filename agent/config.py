@@ -18,7 +18,12 @@ from common.config import Table, load_toml, parse_host_port
 from common.errors import ConfigError
 from common.logsetup import DEFAULT_LOG_DIR
 
-ENGINES = ("mysql", "mongodb")
+ENGINES = ("mysql", "mongodb", "postgresql")
+DEFAULT_PORTS = {"mysql": 3306, "postgresql": 5432}
+FORMATS = {"mysql": "sql", "mongodb": "archive", "postgresql": "pgdump"}
+# A PostgreSQL source's roles and tablespaces (`globals = true`) are backed up as this
+# database: `_globals_<yyyymmdd>.pgsql.zst` sorts before every lower-case name.
+PG_GLOBALS = "_globals"
 DEFAULT_COLLECTOR_PORT = 2222
 # `backhaul-agent run --stop-timeout`: how long a stopping service waits for its backups.
 DEFAULT_STOP_TIMEOUT = 30.0
@@ -76,7 +81,7 @@ class SourceConfig:
 
     @property
     def format(self) -> str:
-        return "sql" if self.engine == "mysql" else "archive"
+        return FORMATS[self.engine]
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,14 @@ def _source(table: Table) -> SourceConfig:
         raise ConfigError(
             f"{table.where('databases')} must be \"all\" or a non-empty list of names"
         )
-    is_mysql = engine == "mysql"
+    is_server = engine in DEFAULT_PORTS  # a server reached by host and port or socket
+    extra: dict[str, object] = {
+        k: table.flag(k) for k in ("include_users_and_roles", "oplog") if table.has(k)
+    }
+    if engine == "postgresql":
+        extra["globals"] = table.flag("globals", True)
+        if extra["globals"] and databases != "all":  # "all" discovers it
+            databases = (PG_GLOBALS, *(d for d in databases if d != PG_GLOBALS))
     default_schedule = not table.has("schedule")
     schedule = DEFAULT_SCHEDULE if default_schedule else _schedule(table)
     delay = DEFAULT_RANDOM_DELAY if default_schedule else 0.0
@@ -184,13 +196,14 @@ def _source(table: Table) -> SourceConfig:
         name=name,
         engine=engine,
         databases=databases,
-        host=table.text("host", "127.0.0.1") if is_mysql else "",
-        port=table.integer("port", 3306, low=1, high=65535) if is_mysql else 0,
-        socket=table.path("socket", None) if is_mysql else None,
+        host=table.text("host", "127.0.0.1") if is_server else "",
+        port=table.integer("port", DEFAULT_PORTS.get(engine, 0), low=1, high=65535)
+        if is_server else 0,
+        socket=table.path("socket", None) if is_server else None,
         user=table.text("user", None),
         password_file=table.path("password_file", None),
-        uri=None if is_mysql else table.text("uri"),
-        compression=table.text("compression", "zstd" if is_mysql else "gzip", choices=KINDS),
+        uri=None if is_server else table.text("uri"),
+        compression=table.text("compression", "zstd" if is_server else "gzip", choices=KINDS),
         compression_level=table.integer("compression_level", None, low=1, high=22),
         stall_timeout=table.number("stall_timeout", 600.0, low=1),
         schedule=schedule,
@@ -198,14 +211,14 @@ def _source(table: Table) -> SourceConfig:
         retry_failed=table.integer("retry_failed", DEFAULT_RETRY_FAILED, low=0, high=20),
         retry_interval=_duration(table, "retry_interval", DEFAULT_RETRY_INTERVAL),
         catch_up=table.flag("catch_up", True),
-        record_checksums=table.flag("record_checksums", False) if is_mysql else False,
-        extra={k: table.flag(k) for k in ("include_users_and_roles", "oplog") if table.has(k)},
+        record_checksums=table.flag("record_checksums", False) if engine == "mysql" else False,
+        extra=extra,
         default_schedule=default_schedule,
     )
     if source.random_delay and source.schedule is None:
         raise ConfigError(f"{table.where('random_delay')} needs a schedule")
-    if is_mysql and source.user is None:
-        raise ConfigError(f"{table.where('user')} is required for a mysql source")
+    if is_server and source.user is None:
+        raise ConfigError(f"{table.where('user')} is required for a {engine} source")
     if source.uri is not None and "@" in urlsplit(source.uri).netloc:
         raise ConfigError(
             f"{table.where('uri')} must not contain credentials: use user and password_file"

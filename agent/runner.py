@@ -286,7 +286,8 @@ class _BeginFacts:
 
     def event(self) -> Begin:
         return Begin(
-            database=self.database, engine=self.adapter.engine, format=self.adapter.format,
+            database=self.database, engine=self.adapter.engine,
+            format=self.adapter.format_for(self.database),
             compression=self.source.compression, started_at=self.started_at or _now(),
             size_estimate=self.size_estimate, source=self.source.name,
         )

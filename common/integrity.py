@@ -78,7 +78,29 @@ class _ArchiveCheck:
 
 
 # The one place that knows which completeness check each dump format gets.
-FORMAT_CHECKS: dict[str, Callable[[], FormatCheck]] = {"sql": SqlCheck, "archive": _ArchiveCheck}
+class _PgCheck:
+    """A PostgreSQL custom-format archive (TOC and every data block) or plain SQL dump
+    (completion comment), checked by :mod:`common.pg_archive`."""
+
+    def __init__(self, plain: bool) -> None:
+        # Imported late: only PostgreSQL backups need the archive parser.
+        from common.pg_archive import PgArchiveChecker, PgSqlChecker
+
+        self._checker = PgSqlChecker() if plain else PgArchiveChecker()
+
+    def feed(self, data: bytes) -> None:
+        self._checker.feed(data)
+
+    def finish(self, tail: bytes) -> Mapping[str, Any]:
+        return self._checker.finish()
+
+
+FORMAT_CHECKS: dict[str, Callable[[], FormatCheck]] = {
+    "sql": SqlCheck,
+    "archive": _ArchiveCheck,
+    "pgdump": lambda: _PgCheck(plain=False),
+    "pgsql": lambda: _PgCheck(plain=True),
+}
 
 
 class IntegrityChecker:

@@ -28,6 +28,10 @@ EXTENSIONS: dict[tuple[str, str], str] = {
     ("sql", "gzip"): "sql.gz",
     ("archive", "gzip"): "archive.gz",
     ("archive", "zstd"): "archive.zst",
+    ("pgdump", "zstd"): "pgdump.zst",  # pg_dump custom format (pg_restore reads it)
+    ("pgdump", "gzip"): "pgdump.gz",
+    ("pgsql", "zstd"): "pgsql.zst",  # PostgreSQL plain SQL: the globals (psql reads it)
+    ("pgsql", "gzip"): "pgsql.gz",
 }
 MANIFEST_SUFFIX = ".manifest.json"
 TEMP_PREFIX = ".tmp-"

@@ -14,7 +14,7 @@ case "$what" in
 esac
 
 # iproute2: tests/integration/test_install.py makes two network namespaces with `ip`.
-packages=(mariadb-server mariadb-client zstd openssh-client prometheus prometheus-alertmanager systemd iproute2
+packages=(mariadb-server mariadb-client postgresql postgresql-contrib zstd openssh-client prometheus prometheus-alertmanager systemd iproute2
           python3 python3-venv python3-dev gcc ca-certificates curl)
 missing=()
 for pkg in "${packages[@]}"; do

@@ -39,7 +39,8 @@ class Preflight:
     warnings: tuple[str, ...] = ()
 
 
-# A dump tool's stdout pipe (MySQL), read by the pump; or chunks made in Python (MongoDB).
+# A dump tool's stdout pipe (MySQL, PostgreSQL), read by the pump; or chunks made in
+# Python (MongoDB).
 DumpStream = PipeDump | AsyncIterable[bytes]
 
 
@@ -48,6 +49,7 @@ class Adapter(Protocol):
     format: str
 
     async def discover(self) -> list[str]: ...
+    def format_for(self, database: str) -> str: ...
     async def preflight(self, database: str) -> Preflight: ...
     def dump(self, database: str) -> AbstractAsyncContextManager[DumpStream]: ...
     def dump_metadata(self, stream: DumpStream) -> dict[str, Any]: ...
@@ -84,6 +86,9 @@ class MySQLAdapter:
         from agent.engines.mysql_inspect import discover_databases
 
         return await asyncio.to_thread(discover_databases, self.params)
+
+    def format_for(self, database: str) -> str:
+        return self.format
 
     async def preflight(self, database: str) -> Preflight:
         from agent.engines.mysql_inspect import preflight
@@ -205,6 +210,9 @@ class MongoAdapter:
 
         return await asyncio.to_thread(discover_databases, self.params)
 
+    def format_for(self, database: str) -> str:
+        return self.format
+
     async def preflight(self, database: str) -> Preflight:
         from agent.engines.mongo_dump import preflight
 
@@ -238,6 +246,71 @@ class MongoAdapter:
         return meta
 
 
+class PostgresAdapter:
+    """``pg_dump`` custom-format archives, one per database, and the cluster's globals
+    (roles, tablespaces) as plain SQL under the name :data:`agent.config.PG_GLOBALS`."""
+
+    engine = "postgresql"
+    format = "pgdump"
+    globals_format = "pgsql"
+
+    def __init__(self, source: SourceConfig) -> None:
+        from agent.engines.pg_inspect import PgParams
+
+        assert source.user is not None  # enforced by the config loader
+        self.source = source
+        self.with_globals = bool(source.extra.get("globals", True))
+        self._superuser: dict[str, bool] = {}
+        self.params = PgParams(
+            host=source.host,
+            port=source.port,
+            socket=str(source.socket) if source.socket else None,
+            user=source.user,
+            password=_password(source),
+        )
+
+    def format_for(self, database: str) -> str:
+        from agent.engines.pg_inspect import GLOBALS
+
+        return self.globals_format if database == GLOBALS else self.format
+
+    async def discover(self) -> list[str]:
+        from agent.engines.pg_inspect import GLOBALS, discover_databases
+
+        names = await asyncio.to_thread(discover_databases, self.params)
+        return [GLOBALS, *names] if self.with_globals else names
+
+    async def preflight(self, database: str) -> Preflight:
+        from agent.engines.pg_dump import find_pg_tool
+        from agent.engines.pg_inspect import GLOBALS, preflight
+
+        tool = find_pg_tool("pg_dumpall" if database == GLOBALS else "pg_dump")
+        facts = await asyncio.to_thread(preflight, self.params, database, tool)
+        self._superuser[database] = facts.superuser
+        metadata: dict[str, Any] = {
+            "server_version": facts.server_version,
+            "tool_major": facts.tool_major,
+            "wal_lsn_before_dump": facts.wal_lsn,
+        }
+        if database != GLOBALS:
+            metadata["extensions"] = facts.extensions
+        return Preflight(size_estimate=facts.size_estimate or None, metadata=metadata,
+                         warnings=tuple(facts.warnings))
+
+    def dump(self, database: str) -> AbstractAsyncContextManager[DumpStream]:
+        from agent.engines.pg_dump import PgDump
+
+        stream: AbstractAsyncContextManager[DumpStream] = PgDump(
+            self.params, database,
+            # get, not pop: a dump stopped to wait for the collector starts again.
+            role_passwords=self._superuser.get(database, True),
+        )
+        return stream
+
+    def dump_metadata(self, stream: DumpStream) -> dict[str, Any]:
+        return {"tool": getattr(stream, "tool", None)}
+
+
 def adapter_for(source: SourceConfig) -> Adapter:
     """The adapter for a source's engine.
 
@@ -246,4 +319,6 @@ def adapter_for(source: SourceConfig) -> Adapter:
     """
     if source.engine == "mysql":
         return MySQLAdapter(source)
+    if source.engine == "postgresql":
+        return PostgresAdapter(source)
     return MongoAdapter(source)

@@ -5,7 +5,8 @@ backed when possible), removed once the tool has read it (its first output, whic
 the 256 KiB output buffer comes once it has that much to say) and in any case when the
 dump ends: never argv, never the environment, never a log line.
 The dump is a single-transaction snapshot of the named database without
-``CREATE DATABASE``/``USE``, so it restores into any name::
+``CREATE DATABASE``/``USE``, so it restores into any name. The process handling
+(:class:`ToolDump`) is shared with the PostgreSQL dump (:mod:`agent.engines.pg_dump`)::
 
     async with MySQLDump(params, "hospital") as dump:
         result = await pump(dump, compressor, send)
@@ -30,8 +31,10 @@ import signal
 import stat
 import tempfile
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol, Self
 
 from agent.engines.mysql_inspect import MySQLParams
 from agent.stream.pipe import PipeReader, widen
@@ -123,16 +126,20 @@ def option_file_text(params: MySQLParams) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _private_dir() -> Path:
-    """A fresh 0700 directory, in memory-backed storage when there is some to write to."""
+def private_dir(prefix: str = "backhaul-mysql-") -> Path:
+    """A fresh 0700 directory, in memory-backed storage when there is some to write to.
+
+    Raises:
+        DumpError: no such directory can be made anywhere.
+    """
     # /dev/shm is world-writable, but mkdtemp makes an unguessable 0700 directory in it.
     candidates = ["/dev/shm", os.environ.get("XDG_RUNTIME_DIR"), None]  # noqa: S108
     for base in candidates:
         if base is not None and not os.access(base, os.W_OK | os.X_OK):
             continue
         with contextlib.suppress(OSError):
-            return Path(tempfile.mkdtemp(prefix="backhaul-mysql-", dir=base))
-    raise DumpError("cannot create a private directory for the MySQL option file")
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    raise DumpError("cannot create a private directory for the client's credentials")
 
 
 @contextlib.contextmanager
@@ -143,22 +150,22 @@ def client_option_file(params: MySQLParams) -> Iterator[Path]:
         DumpError: the file cannot be created or a setting cannot be written to it.
     """
     text = option_file_text(params)
-    directory = _private_dir()
+    directory = private_dir()
     path = directory / "client.cnf"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
     except OSError as exc:
-        _remove_private(directory, path)
+        remove_private(directory, path)
         raise DumpError(f"cannot write the MySQL option file: {exc.strerror or exc}") from exc
     try:
         yield path
     finally:
-        _remove_private(directory, path)
+        remove_private(directory, path)
 
 
-def _remove_private(directory: Path, path: Path) -> None:
+def remove_private(directory: Path, path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     with contextlib.suppress(OSError):
@@ -181,7 +188,7 @@ def buffered_command(tool: str, path: str | None = None) -> list[str]:
     return [stdbuf, f"--output={DUMP_OUTPUT_BUFFER}", tool]
 
 
-def _cannot_start(program: str, reason: object) -> DumpError:
+def cannot_start(program: str, reason: object) -> DumpError:
     """The one wording for a program that could not be started, named by file name."""
     return DumpError(f"cannot start {Path(program).name}: {reason}")
 
@@ -193,9 +200,9 @@ def _check_executable(tool: str) -> None:
     try:
         is_file = stat.S_ISREG(os.stat(tool).st_mode)
     except OSError as exc:
-        raise _cannot_start(tool, exc.strerror or exc) from None
+        raise cannot_start(tool, exc.strerror or exc) from None
     if not is_file or not os.access(tool, os.X_OK):
-        raise _cannot_start(tool, "not an executable file")
+        raise cannot_start(tool, "not an executable file")
 
 
 def _minimal_env() -> dict[str, str]:
@@ -203,18 +210,29 @@ def _minimal_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}
 
 
-class MySQLDump:
-    """One running dump of one database, an async context manager read through
+class DumpEndpoint(Protocol):
+    """What a running dump needs to know of its server: where it is, for messages, and
+    the password, to scrub from them."""
+
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def password(self) -> str | None: ...
+
+
+class ToolDump:
+    """One running dump tool for one database, an async context manager read through
     :meth:`pipe_reader` (by the pump).
 
     ``bytes_read`` counts the bytes the consumer has read so far. Leaving the context
     before the end (an error, cancellation) kills and reaps the process. :meth:`finish`
-    raises DumpError if the tool failed.
+    raises DumpError if the tool failed. Subclasses say which tool, with which
+    arguments, environment and private credentials file.
     """
 
     def __init__(
         self,
-        params: MySQLParams,
+        params: DumpEndpoint,
         database: str,
         *,
         tool: str | None = None,
@@ -232,7 +250,19 @@ class MySQLDump:
         self._finished = False
 
     def __repr__(self) -> str:
-        return f"MySQLDump(database={self.database!r}, params={self.params!r})"
+        return f"{type(self).__name__}(database={self.database!r}, params={self.params!r})"
+
+    def _default_tool(self) -> str:
+        raise NotImplementedError
+
+    def _credentials(self) -> AbstractContextManager[Path]:
+        raise NotImplementedError
+
+    def _arguments(self, credentials: Path) -> list[str]:
+        raise NotImplementedError
+
+    def _environment(self, credentials: Path) -> dict[str, str]:
+        return _minimal_env()
 
     @property
     def tool(self) -> str | None:
@@ -254,11 +284,11 @@ class MySQLDump:
         """The last ``STDERR_LIMIT`` bytes the tool wrote to stderr (warnings, errors)."""
         return scrub(self._stderr.decode("utf-8", errors="replace"), self.params.password)
 
-    async def __aenter__(self) -> MySQLDump:
-        tool = self._tool or find_dump_tool()
+    async def __aenter__(self) -> Self:
+        tool = self._tool or self._default_tool()
         _check_executable(tool)  # behind stdbuf, exec's own error would come as an exit status
         stack = contextlib.ExitStack()
-        self.option_file = stack.enter_context(client_option_file(self.params))
+        self.option_file = stack.enter_context(self._credentials())
         self._option_file = stack
         read_fd, write_fd = os.pipe()  # both close-on-exec; the child gets a dup as fd 1
         widen(read_fd)
@@ -266,18 +296,18 @@ class MySQLDump:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *command,
-                *dump_arguments(self.option_file, self.database),
+                *self._arguments(self.option_file),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=write_fd,
                 stderr=asyncio.subprocess.PIPE,
-                env=_minimal_env(),
+                env=self._environment(self.option_file),
                 start_new_session=True,
             )
         except OSError as exc:
             os.close(read_fd)
             self._remove_option_file()
             # Named for what failed to start: stdbuf when the tool runs behind it.
-            raise _cannot_start(command[0], exc.strerror or exc) from exc
+            raise cannot_start(command[0], exc.strerror or exc) from exc
         except BaseException:
             os.close(read_fd)
             self._remove_option_file()
@@ -315,7 +345,7 @@ class MySQLDump:
         is left (the descriptor is closed then).
         """
         if self._stdout is None:
-            raise RuntimeError("MySQLDump must be entered with 'async with' before reading")
+            raise RuntimeError(f"{type(self).__name__} must be entered with 'async with' first")
         return self._stdout
 
     def note_read(self, count: int) -> None:
@@ -398,3 +428,21 @@ class MySQLDump:
         if self._option_file is not None:
             stack, self._option_file = self._option_file, None
             stack.close()
+
+
+class MySQLDump(ToolDump):
+    """A dump of one MySQL/MariaDB database by ``mariadb-dump``/``mysqldump``."""
+
+    params: MySQLParams
+
+    def __init__(self, params: MySQLParams, database: str, *, tool: str | None = None) -> None:
+        super().__init__(params, database, tool=tool)
+
+    def _default_tool(self) -> str:
+        return find_dump_tool()
+
+    def _credentials(self) -> AbstractContextManager[Path]:
+        return client_option_file(self.params)
+
+    def _arguments(self, credentials: Path) -> list[str]:
+        return dump_arguments(credentials, self.database)

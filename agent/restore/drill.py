@@ -30,6 +30,11 @@ never reaches replicas.
 
 MongoDB: each collection's document count against the count the dump wrote, which is
 exact whatever the server did meanwhile.
+
+PostgreSQL: ``pg_restore`` stops at the first error, and the restored tables are counted
+against the TABLE entries the collector counted in the archive's table of contents. The
+globals backup (roles) is not loaded into the server it came from: its drill fetches it
+twice and proves it whole.
 """
 
 from __future__ import annotations
@@ -41,11 +46,12 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import AgentConfig, SourceConfig
+from agent.config import PG_GLOBALS, AgentConfig, SourceConfig
 from agent.engines.adapters import MySQLAdapter, adapter_for
 from agent.link.connection import CollectorClient
 from agent.link.requests import list_backups, send_report
 from agent.restore.mysql_schema import may_skip_binlog
+from agent.restore.pg_loader import PostgresLoader, VerifyOnlyLoader
 from agent.restore.restore import (
     MeterFactory,
     choose_backup,
@@ -248,7 +254,7 @@ async def _drill(
 ) -> DrillResult:
     backup: str | None = None
     try:
-        loader = await _loader(source)
+        loader = await _loader(source, database)
         summaries = await list_backups(client, database)
         summary = choose_backup(summaries, database, source.engine)
         backup = str(summary["name"])
@@ -258,7 +264,7 @@ async def _drill(
     log.info("restore drill of %s into scratch database %s", backup, scratch)
     try:
         outcome = await restore_backup(client, summary, loader, scratch, replace=False, meter=meter)
-        comparison = await _compare(loader, scratch, outcome.manifest.get("dump") or {})
+        comparison = await _compare(loader, scratch, outcome.manifest)
         result = DrillResult(
             comparison.ok, "ok" if comparison.ok else "mismatch", comparison.message, backup
         )
@@ -271,7 +277,26 @@ async def _drill(
     return result
 
 
-async def _loader(source: SourceConfig) -> Loader:
+async def _compare_postgres(
+    loader: PostgresLoader, scratch: str, manifest: dict[str, Any]
+) -> Comparison:
+    """The restored tables against the TABLE entries the collector counted in the archive."""
+    tables = await asyncio.to_thread(loader.count_tables, scratch)
+    verification = manifest.get("verification")
+    archive = verification.get("pg_archive") if isinstance(verification, dict) else None
+    listed = archive.get("tables") if isinstance(archive, dict) else None
+    if not isinstance(listed, int):
+        return Comparison(True, f"pg_restore loaded {tables} table(s) without an error "
+                                "(the archive's table count was not recorded)")
+    if listed != tables:
+        return Comparison(False, f"the archive lists {listed} table(s), the restored "
+                                 f"database holds {tables}")
+    return Comparison(True, f"pg_restore loaded {tables} table(s), as the archive lists")
+
+
+async def _loader(source: SourceConfig, database: str) -> Loader:
+    if source.engine == "postgresql" and database == PG_GLOBALS:
+        return VerifyOnlyLoader()
     adapter = adapter_for(source)
     skip = False
     if isinstance(adapter, MySQLAdapter):
@@ -293,7 +318,13 @@ async def _free_scratch(loader: Loader, database: str) -> str:
     raise DumpError("could not find a free scratch database name")
 
 
-async def _compare(loader: Loader, scratch: str, dump: dict[str, Any]) -> Comparison:
+async def _compare(loader: Loader, scratch: str, manifest: dict[str, Any]) -> Comparison:
+    dump = manifest.get("dump") or {}
+    if isinstance(loader, VerifyOnlyLoader):
+        return Comparison(True, "globals backup verified whole (not loaded: its roles "
+                                "would change this server)")
+    if isinstance(loader, PostgresLoader):
+        return await _compare_postgres(loader, scratch, manifest)
     if isinstance(loader, MySQLLoader):
         from agent.engines.mysql_inspect import table_checksums
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Protocol
 
-from agent.config import AgentConfig, SourceConfig
-from agent.engines.adapters import MongoAdapter, MySQLAdapter, adapter_for
+from agent.config import PG_GLOBALS, AgentConfig, SourceConfig
+from agent.engines.adapters import MongoAdapter, MySQLAdapter, PostgresAdapter, adapter_for
 from agent.link.connection import CollectorClient
 from agent.link.requests import Fetched, fetch, list_backups
 from agent.restore.mysql_schema import SchemaState
@@ -157,6 +157,10 @@ def loader_for(source: SourceConfig, *, skip_binlog: bool = False) -> Loader:
     adapter = adapter_for(source)
     if isinstance(adapter, MySQLAdapter):
         return MySQLLoader(adapter.params, skip_binlog=skip_binlog)
+    if isinstance(adapter, PostgresAdapter):
+        from agent.restore.pg_loader import PostgresLoader
+
+        return PostgresLoader(adapter.params)
     assert isinstance(adapter, MongoAdapter)
     return MongoLoader(adapter.params)
 
@@ -177,6 +181,9 @@ async def restore(
         TransportError, RejectedError, RemoteProtocolError: talking to the collector failed.
     """
     source = pick_source(config, request.source)
+    if source.engine == "postgresql" and request.database == PG_GLOBALS and request.into:
+        raise ConfigError("the globals (roles, tablespaces) belong to the whole server: "
+                          "restore them without --into")
     loader = loader_for(source)
     target = request.target
     loader.check_name(target)

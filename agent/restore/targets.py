@@ -119,7 +119,7 @@ class MySQLLoader:
         tool = find_client_tool()
         with client_option_file(self.params) as option_file:
             proc = await _start_client(tool, option_file, target, self.skip_binlog)
-            sink = _ClientSink(proc, Path(tool).name, target, self.params.password)
+            sink = ClientSink(proc, Path(tool).name, target, self.params.password)
             try:
                 yield sink
             finally:
@@ -152,7 +152,7 @@ async def _start_client(
         raise DumpError(f"cannot start {Path(tool).name}: {exc.strerror or exc}") from exc
 
 
-class _ClientSink:
+class ClientSink:
     def __init__(
         self, proc: asyncio.subprocess.Process, tool: str, target: str, password: str | None
     ) -> None:
@@ -186,11 +186,16 @@ class _ClientSink:
             raise await self._failure()
         await self._stderr_task
 
+    def stderr_text(self) -> str:
+        """What the client wrote to stderr so far (its tail), without the password."""
+        text = scrub(self._stderr.decode("utf-8", errors="replace"), self._password)
+        return text
+
     async def _failure(self) -> DumpError:
         returncode = await self._proc.wait()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stderr_task
-        text = scrub(self._stderr.decode("utf-8", errors="replace"), self._password)
+        text = self.stderr_text()
         lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
         tail = " | ".join(lines[-_STDERR_LINES_IN_MESSAGE:])
         message = f"{self._tool} exited with status {returncode} loading into {self._target!r}"

@@ -58,7 +58,11 @@ HIGH_WATER = 4 * 1024 * 1024  # queued bytes before we stop reading the channel
 LOW_WATER = 1024 * 1024
 BATCH_BYTES = 1024 * 1024  # received DATA verified in one step, at most
 FETCH_CHUNK = 256 * 1024
-ENGINES = {"mysql": "sql", "mongodb": "archive"}
+ENGINES = {
+    "mysql": ("sql",),
+    "mongodb": ("archive",),
+    "postgresql": ("pgdump", "pgsql"),  # each database's archive; the globals' SQL
+}
 
 
 @dataclass
@@ -587,14 +591,14 @@ class _Upload:
                 f"agent {self.session.agent} may not send database {begin.database!r}",
                 RejectCode.NOT_ALLOWED,
             )
-        fmt = ENGINES.get(begin.engine)
-        if fmt is None or fmt != begin.format:
+        formats = ENGINES.get(begin.engine)
+        if formats is None or begin.format not in formats:
             raise RemoteProtocolError(
                 f"unsupported engine/format {begin.engine!r}/{begin.format!r}"
             )
         ext = extension_for(begin.format, begin.compression)
         started = parse_started_at(begin.started_at, self.ctx.clock(), self.ctx.clock_skew)
-        return fmt, ext, started
+        return begin.format, ext, started
 
     def _cap(self) -> int | None:
         caps = [c for c in (self.ctx.max_backup_bytes,

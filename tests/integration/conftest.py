@@ -17,6 +17,8 @@ from agent.engines.mongo_dump import MongoParams
 from tests.integration.harness import Deployment
 from tests.integration.mariadb_server import MariaDBNotInstalled, MariaDBServer
 from tests.integration.mongo_server import NxServer
+from tests.integration.pg_sample_data import create_sample_databases as create_pg_samples
+from tests.integration.postgres_server import PostgresNotInstalled, PostgresServer
 from tests.integration.sample_data import create_sample_databases
 
 # -- MariaDB ---------------------------------------------------------------------------------
@@ -105,3 +107,41 @@ def client(nx_server: NxServer) -> Iterator[pymongo.MongoClient[dict[str, Any]]]
     mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(nx_server.uri)
     yield mongo
     mongo.close()
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _new_postgres() -> PostgresServer:
+    try:
+        server = PostgresServer()
+    except PostgresNotInstalled as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the test module; tests must not stop it."""
+    server = _new_postgres()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_fresh() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, for tests that stop or break it."""
+    server = _new_postgres()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def pg_samples(postgres: PostgresServer) -> list[str]:
+    """The tricky sample databases, created once per module."""
+    return create_pg_samples(postgres)

@@ -31,13 +31,16 @@ from tests.integration.harness import (
     stored_files,
 )
 from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.pg_ops import pg_source
+from tests.integration.postgres_server import PostgresServer
 from tests.integration.sample_data import generate_bulk
 
 pytestmark = pytest.mark.integration
 
 DATABASE = "secrets_bulk"
 USER = "canary_backup"
-DUMP_TOOLS = (b"mariadb-dump", b"mysqldump")
+DUMP_TOOLS = (b"mariadb-dump", b"mysqldump", b"pg_dump")
+PG_DATABASE = f"PGDATABASE={DATABASE}".encode()  # pg_dump finds its database there
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +72,12 @@ def sample_processes(token: bytes, seen: Sightings) -> None:
         if not proc.name.isdigit():
             continue
         cmdline = _read(proc / "cmdline")
-        for what, data in (("cmdline", cmdline), ("environ", _read(proc / "environ"))):
+        environ = _read(proc / "environ")
+        for what, data in (("cmdline", cmdline), ("environ", environ)):
             if token in data:
                 seen.leaks.append(f"{what} of pid {proc.name}: {cmdline[:200]!r}")
-        if any(tool in cmdline for tool in DUMP_TOOLS) and DATABASE.encode() in cmdline:
+        names_database = DATABASE.encode() in cmdline or PG_DATABASE in environ
+        if any(tool in cmdline for tool in DUMP_TOOLS) and names_database:
             seen.dump_samples += 1
     seen.rounds += 1
 
@@ -192,3 +197,63 @@ async def test_the_sampler_sees_a_secret_in_argv_and_environment() -> None:
         for proc in procs:
             proc.kill()
             await proc.wait()
+
+
+@pytest.fixture
+def pg_canary(postgres: PostgresServer, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A PostgreSQL role with a canary password (a ':' and a '\\' for the passfile's
+    escapes), a database it reads that takes seconds to dump, and its 0600 file."""
+    token = secrets.token_hex(12)
+    password = f'Cy-{token}-p@ss:w"rd\\$x'
+    postgres.execute("postgres", f"DROP DATABASE IF EXISTS {DATABASE}",
+                     f"CREATE DATABASE {DATABASE}", f"DROP ROLE IF EXISTS {USER}")
+    postgres.execute(DATABASE, "CREATE TABLE bulk AS SELECT g, md5(g::text) AS a, "
+                               "repeat(md5(g::text), 4) AS b FROM generate_series(1, 400000) g")
+    with postgres.connect() as conn:
+        conn.execute(f"CREATE ROLE {USER} LOGIN IN ROLE pg_read_all_data PASSWORD "
+                     "'" + password.replace("'", "''") + "'")
+    path = tmp_path / "secret" / "pg.pass"
+    path.parent.mkdir(mode=0o700)
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    yield token, path
+    postgres.execute("postgres", f"DROP DATABASE IF EXISTS {DATABASE}", f"DROP ROLE {USER}")
+
+
+async def test_postgres_password_appears_in_no_process_log_manifest_or_output(
+    postgres: PostgresServer, pg_canary: tuple[str, Path], tmp_path: Path
+) -> None:
+    """pg_dump gets the canary through a 0600 PGPASSFILE only: never argv, never the
+    environment (no PGPASSWORD), never a log, and the passfile is gone afterwards."""
+    token, password_file = pg_canary
+    needle = token.encode()
+    deployment = Deployment(tmp_path / "deployment")
+    deployment.add_agent("db1")
+    shm_before = set(Path("/dev/shm").iterdir()) if Path("/dev/shm").is_dir() else set()
+    sampler = Sampler(needle)
+    async with running_collector(deployment.collector_toml()) as (_, port):
+        config = deployment.agent_toml("db1", port, pg_source(
+            postgres, f'["{DATABASE}"]', password_file=password_file, user=USER,
+            extra="globals = false\n"))
+        sampler.start()
+        try:
+            run = await run_agent(config, timeout=240)
+        finally:
+            sampler.stop.set()
+            await asyncio.to_thread(sampler.join, 10)
+    assert run.returncode == 0, run.stdout + run.stderr
+    seen = sampler.seen
+    assert seen.dump_samples >= 3, f"the dump was seen in only {seen.dump_samples} samples"
+    assert seen.leaks == []
+    for text, where in (
+        (run.stdout, "agent stdout"),
+        (run.stderr, "agent stderr"),
+        (log_text(deployment.collector_logs), "collector log"),
+        (log_text(deployment.agent_logs), "agent log"),
+    ):
+        assert token not in text, where
+    assert (
+        files_holding(needle, deployment.store, deployment.collector_logs, deployment.agent_logs)
+        == []
+    )
+    assert [p for p in Path("/dev/shm").glob("backhaul-pg-*") if p not in shm_before] == []

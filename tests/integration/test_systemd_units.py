@@ -303,7 +303,10 @@ import asyncio, ctypes, hashlib
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) != 0:
     raise SystemExit("PR_SET_MDWE unsupported")
-import aiohttp, asyncssh, bson, pymongo, pymysql, zstandard
+import aiohttp, asyncssh, bson, psycopg, pymongo, pymysql, subprocess, zstandard
+assert psycopg.pq.version() > 0  # libpq loaded
+# The dump tools inherit the refusal: pg_dump (through Debian's Perl wrapper) still runs.
+subprocess.run(["pg_dump", "--version"], check=True, capture_output=True)
 key = asyncssh.generate_private_key("ssh-ed25519")
 data = zstandard.ZstdCompressor().compress(b"x" * 100000)
 assert zstandard.ZstdDecompressor().decompress(data) == b"x" * 100000
