@@ -100,6 +100,9 @@ else
   keydir="$etc/agent"
   install -d -m 0750 -o root -g backhaul-agent "$keydir"
   install -d -m 0700 -o backhaul-agent -g backhaul-agent /var/lib/backhaul-agent
+  # The per-database locks: systemd makes it for the unit (RuntimeDirectory=), tmpfiles
+  # at boot; made now too, so a one-shot backup works before the service ever ran.
+  install -d -m 0700 -o backhaul-agent -g backhaul-agent /run/backhaul-agent
 fi
 install -d -m 0750 -o "$user" -g "$user" /var/log/backhaul
 

@@ -54,6 +54,7 @@ from agent.restore.mysql_schema import may_skip_binlog
 from agent.restore.pg_loader import PostgresLoader, VerifyOnlyLoader
 from agent.restore.restore import (
     MeterFactory,
+    RestoreFailedError,
     choose_backup,
     loader_for,
     pick_source,
@@ -99,8 +100,10 @@ class DrillResult:
     @classmethod
     def stopped_by(cls, exc: BackhaulError, backup: str | None) -> DrillResult:
         """The failed drill ``exc`` ended: the error's reason, except that the dump
-        family's tools here are the restore's."""
-        return cls(False, "restore" if isinstance(exc, DumpError) else exc.reason, str(exc), backup)
+        family's tools here are the restore's; a failed load counts by its cause."""
+        cause = exc.cause if isinstance(exc, RestoreFailedError) else exc
+        reason = "restore" if isinstance(cause, DumpError) else cause.reason
+        return cls(False, reason, str(exc), backup)
 
     def line(self) -> str:
         status = "drill passed" if self.ok else f"DRILL FAILED ({self.reason})"

@@ -53,7 +53,13 @@ class RestoreFailedError(BackhaulError):
 
     def __init__(self, cause: BackhaulError, outcome: str) -> None:
         super().__init__(f"{cause}; {outcome}")
+        self.cause = cause
         self.exit_code = cause.exit_code
+
+    @property
+    def reason(self) -> str:
+        """The cause's: a failed load is counted by what made it fail."""
+        return self.cause.reason
 
 
 class MeterFactory(Protocol):

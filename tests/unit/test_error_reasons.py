@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from agent.restore.drill import DrillResult
-from agent.restore.restore import NoBackupError
+from agent.restore.restore import NoBackupError, RestoreFailedError
 from agent.stream.stages import DumpStalled
 from common.errors import (
     BackhaulError,
@@ -41,6 +41,7 @@ REASONS: list[tuple[BackhaulError, str]] = [
     (IntegrityError("x"), "integrity"),
     (RejectedError("busy", "too many uploads"), "rejected"),
     (NoBackupError("x"), "no_backup"),
+    (RestoreFailedError(IntegrityError("x"), "dropped again"), "integrity"),
 ]
 
 
@@ -59,6 +60,8 @@ DRILL_REASONS: list[tuple[BackhaulError, str]] = [
     (CollectorUnreachableError("x"), "collectorunreachable"),
     (RejectedError("not_found", "no such backup"), "rejected"),
     (RemoteProtocolError("x"), "remoteprotocol"),
+    (RestoreFailedError(DumpError("pg_restore exited with status 1"), "dropped"), "restore"),
+    (RestoreFailedError(IntegrityError("x"), "dropped again"), "integrity"),
 ]
 
 
