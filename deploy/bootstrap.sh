@@ -14,7 +14,7 @@ case "$what" in
 esac
 
 packages=(mariadb-server mariadb-client zstd openssh-client prometheus prometheus-alertmanager systemd
-          python3 python3-venv python3-dev gcc ca-certificates curl)
+          python3 python3-venv python3-dev gcc ca-certificates curl age)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
