@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from collector.config import CollectorConfig, load_collector_config
+from collector.offsite import commands as offsite_commands
+from collector.offsite.copier import Copier, OffsiteSink
 from collector.report.outcomes import FanOut
 from collector.serve.server import CollectorServer, make_context
 from collector.store import files as storage
@@ -61,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     verifying.add_argument("--database", help="only this database (with --agent)")
     verifying.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
     verifying.set_defaults(operation=_verify)
+    offsite_commands.add_parsers(sub)
     return parser
 
 
@@ -72,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(args: argparse.Namespace) -> int:
     config = load_collector_config(args.config)
     if args.command == "check-config":
+        for line in offsite_commands.check_targets(config):
+            print(line)
         print(f"{args.config}: OK ({len(config.agents)} agent(s))")
         return ExitCode.OK
     operation: Operation | None = getattr(args, "operation", None)
@@ -92,7 +97,12 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
     """
     from collector.report.sinks import build_sinks
 
+    # Refuses a locked target on a bucket without Object Lock before serving anything.
+    await asyncio.to_thread(offsite_commands.check_locks, config)
     sinks, closers = await build_sinks(config)
+    copier = Copier(config.offsite, config.storage.root)
+    if config.offsite:
+        sinks.append(OffsiteSink(copier))
     ctx = make_context(config, FanOut(*sinks))
     ctx.store.ensure_root()
     swept = await asyncio.to_thread(ctx.store.sweep)
@@ -100,6 +110,7 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
         log.warning("removed %d leftover file(s) of interrupted backups", swept)
     server = CollectorServer(config, ctx)
     await server.start()
+    copier.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -113,6 +124,7 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
         log.info("shutting down: no new connections, draining running backups")
         await server.stop()
     finally:
+        await copier.close()
         for close in closers:
             await close()
     log.info("stopped")

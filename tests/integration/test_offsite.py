@@ -1,0 +1,294 @@
+"""Off-site copies against a real SeaweedFS S3 endpoint and the stock `age` CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+import zstandard
+from botocore.exceptions import ClientError
+from harness import Deployment
+from seaweed_server import ACCESS_KEY, REGION, SECRET_KEY, WeedServer
+
+from collector.cli import main as collector_main
+from collector.config import CollectorConfig, load_collector_config
+from collector.offsite import copier as copier_module
+from collector.offsite import state
+from collector.offsite.copier import Copier
+from collector.store.files import Store, StoredBackup
+from common.errors import ExitCode
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedServer]:
+    with WeedServer(tmp_path_factory.mktemp("weed")) as server:
+        yield server
+
+
+_buckets = iter(range(1000))
+
+
+@pytest.fixture
+def bucket(weed: WeedServer) -> str:
+    """A fresh Object Lock bucket for one test."""
+    name = f"locked-{next(_buckets)}-{os.getpid()}"
+    weed.create_bucket(name, object_lock=True)
+    return name
+
+
+def age_key(path: Path) -> str:
+    """A key made by `age-keygen`, as an administrator would; returns its public key."""
+    subprocess.run(["age-keygen", "-o", str(path)], check=True, capture_output=True)
+    out = subprocess.run(["age-keygen", "-y", str(path)], check=True, capture_output=True)
+    return out.stdout.decode().strip()
+
+
+class Site:
+    """A collector configuration with one [[offsite]] target and two admins' age keys."""
+
+    def __init__(self, deployment: Deployment, weed: WeedServer, bucket: str, *,
+                 secret: str = SECRET_KEY, lock: bool = True, endpoint: str = "") -> None:
+        self.root = deployment.root
+        self.identities = [self.root / "admin1.key", self.root / "admin2.key"]
+        recipients = [age_key(p) for p in self.identities]
+        self.recipients = self.root / "recipients.txt"
+        self.recipients.write_text("# two administrators\n" + "\n".join(recipients) + "\n")
+        secret_file = self.root / "s3.secret"
+        secret_file.write_text(secret + "\n")
+        secret_file.chmod(0o600)
+        lock_lines = 'lock_mode = "compliance"\nlock_days = 2\n' if lock else ""
+        offsite = textwrap.dedent(f"""
+            [[offsite]]
+            name = "weed"
+            endpoint = "{endpoint or weed.endpoint}"
+            region = "{REGION}"
+            bucket = "{bucket}"
+            prefix = "backhaul/"
+            access_key_id = "{ACCESS_KEY}"
+            secret_access_key_file = "{secret_file}"
+            recipients_file = "{self.recipients}"
+            part_size_mib = 5
+        """) + lock_lines
+        self.config_path = deployment.collector_toml(extra=offsite)
+        self.config: CollectorConfig = load_collector_config(self.config_path)
+        self.store_root = self.config.storage.root
+        self.weed = weed
+        self.bucket = bucket
+
+    def store_backup(self, database: str, size: int = 7 * 2**20,
+                     agent: str = "db1") -> tuple[StoredBackup, bytes]:
+        """Store a whole zstd SQL dump the way ingest does; returns it and its plaintext."""
+        rows = b"".join(b"INSERT INTO t VALUES (%d, '%s');\n" % (i, os.urandom(24).hex().encode())
+                        for i in range(size // 70))
+        sql = b"-- MariaDB dump\n" + rows + b"-- Dump completed on 2026-11-26\n"
+        data = zstandard.ZstdCompressor(level=1).compress(sql)
+        store = Store(self.store_root)
+        store.ensure_root()
+        upload = store.begin(agent, database, "sql.zst")
+        upload.write(data)
+        now = datetime.now(UTC).isoformat()
+        manifest = {"manifest_version": 1, "agent": agent, "database": database,
+                    "engine": "mysql", "format": "sql", "compression": "zstd",
+                    "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                    "started_at": now, "stored_at": now, "verified": True}
+        return upload.commit(date(2026, 11, 26), manifest), sql
+
+    def run(self, *argv: str) -> int:
+        return collector_main([*argv, "--config", str(self.config_path)])
+
+    def object_key(self, backup: StoredBackup) -> str:
+        return "backhaul/" + backup.path.relative_to(self.store_root).as_posix() + ".age"
+
+
+@pytest.fixture
+def site(deployment: Deployment, weed: WeedServer, bucket: str) -> Site:
+    return Site(deployment, weed, bucket)
+
+
+def test_sync_copies_and_recover_rebuilds_a_lost_store_byte_identical(
+        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    """Copy two backups, lose the store, recover it: same bytes, same names, same manifests."""
+    first, _ = site.store_backup("hospital")
+    second, _ = site.store_backup("sp ace", size=100_000)
+    originals = {b.path: b.path.read_bytes() for b in (first, second)}
+    assert site.run("offsite", "sync") == ExitCode.OK
+    assert len(state.load(site.store_root, "weed").copied) == 2
+    for path in originals:
+        os.chmod(path, 0o600)
+        path.unlink()
+        (path.parent / (path.name + ".manifest.json")).unlink()
+    capsys.readouterr()
+    code = collector_main(["recover", "--config", str(site.config_path), "--from", "weed",
+                           "--identity", str(site.identities[1])])
+    out = capsys.readouterr().out
+    assert code == ExitCode.OK, out
+    assert "2 recovered, 0 skipped, 0 failed" in out
+    for path, content in originals.items():
+        assert path.read_bytes() == content
+        manifest = json.loads((path.parent / (path.name + ".manifest.json")).read_text())
+        assert manifest["recovered_from"] == "weed"
+
+
+def test_stock_age_and_zstd_restore_the_dump_with_either_recipient_key(site: Site) -> None:
+    """Without Backhaul: any S3 client, `age -d -i key`, `zstd -dc` give the dump back."""
+    backup, sql = site.store_backup("hospital")
+    assert site.run("offsite", "sync") == ExitCode.OK
+    ciphertext = site.weed.client().get_object(
+        Bucket=site.bucket, Key=site.object_key(backup))["Body"].read()
+    assert ciphertext.startswith(b"age-encryption.org/v1\n")
+    for identity in site.identities:
+        plain = subprocess.run(["age", "-d", "-i", str(identity)], input=ciphertext,
+                               check=True, capture_output=True).stdout
+        dump = subprocess.run(["zstd", "-dc"], input=plain, check=True,
+                              capture_output=True).stdout
+        assert dump == sql
+
+
+def test_cloud_manifest_names_both_hashes_the_recipients_and_the_lock(site: Site) -> None:
+    backup, _ = site.store_backup("hospital", size=50_000)
+    assert site.run("offsite", "sync") == ExitCode.OK
+    key = site.object_key(backup).removesuffix(".age") + ".manifest.json"
+    cloud = json.loads(site.weed.client().get_object(Bucket=site.bucket, Key=key)["Body"].read())
+    assert cloud["plaintext_sha256"] == backup.manifest["sha256"]
+    assert len(cloud["ciphertext_sha256"]) == 64
+    assert len(cloud["recipients"]) == 2
+    assert cloud["lock"]["mode"] == "compliance"
+    head = site.weed.client().head_object(Bucket=site.bucket, Key=key)
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+
+
+def test_server_refuses_to_delete_a_copied_backup_under_lock(site: Site) -> None:
+    """The lock is real: the storage itself refuses the delete of the locked version."""
+    backup, _ = site.store_backup("hospital", size=50_000)
+    assert site.run("offsite", "sync") == ExitCode.OK
+    client = site.weed.client()
+    head = client.head_object(Bucket=site.bucket, Key=site.object_key(backup))
+    with pytest.raises(ClientError) as refused:
+        client.delete_object(Bucket=site.bucket, Key=site.object_key(backup),
+                             VersionId=head["VersionId"])
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    assert client.head_object(Bucket=site.bucket, Key=site.object_key(backup))["ContentLength"]
+
+
+def test_a_second_sync_copies_nothing_again(site: Site,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    site.store_backup("hospital", size=50_000)
+    assert site.run("offsite", "sync") == ExitCode.OK
+    capsys.readouterr()
+    assert site.run("offsite", "sync") == ExitCode.OK
+    assert "0 backup(s) copied" in capsys.readouterr().out
+
+
+def test_lock_on_a_bucket_without_object_lock_is_refused_at_check_config(
+        deployment: Deployment, weed: WeedServer, capsys: pytest.CaptureFixture[str]) -> None:
+    weed.create_bucket("plain-bucket", object_lock=False)
+    site = Site(deployment, weed, "plain-bucket")
+    assert site.run("check-config") == ExitCode.CONFIG
+    assert "has no Object Lock" in capsys.readouterr().err
+
+
+def test_wrong_secret_is_a_clear_error_and_leaves_local_backups_alone(
+        deployment: Deployment, weed: WeedServer, bucket: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    site = Site(deployment, weed, bucket, secret="not-the-secret")
+    backup, _ = site.store_backup("hospital", size=50_000)
+    before = backup.path.read_bytes()
+    assert site.run("offsite", "sync") == ExitCode.STORAGE
+    out = capsys.readouterr().out
+    assert "access denied" in out.lower() or "wrong secret" in out.lower()
+    assert "not-the-secret" not in out
+    recorded = state.load(site.store_root, "weed")
+    assert recorded.failures_in_a_row == 1 and not recorded.copied
+    assert backup.path.read_bytes() == before
+    site.run("offsite", "status")
+    assert "1 pending" in capsys.readouterr().out
+
+
+def test_missing_bucket_is_a_clear_error(deployment: Deployment, weed: WeedServer,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    site = Site(deployment, weed, "no-such-bucket", lock=False)
+    site.store_backup("hospital", size=50_000)
+    assert site.run("offsite", "sync") == ExitCode.STORAGE
+    assert "the bucket does not exist" in capsys.readouterr().out
+
+
+def test_recover_refuses_a_tampered_object_and_stores_nothing(
+        deployment: Deployment, weed: WeedServer, capsys: pytest.CaptureFixture[str]) -> None:
+    weed.create_bucket("tamper-bucket", object_lock=False)
+    site = Site(deployment, weed, "tamper-bucket", lock=False)
+    backup, _ = site.store_backup("hospital", size=200_000)
+    assert site.run("offsite", "sync") == ExitCode.OK
+    client = weed.client()
+    key = site.object_key(backup)
+    body = bytearray(client.get_object(Bucket="tamper-bucket", Key=key)["Body"].read())
+    body[-100] ^= 1
+    client.put_object(Bucket="tamper-bucket", Key=key, Body=bytes(body))
+    os.chmod(backup.path, 0o600)
+    backup.path.unlink()
+    capsys.readouterr()
+    code = collector_main(["recover", "--config", str(site.config_path), "--from", "weed",
+                           "--identity", str(site.identities[0])])
+    out = capsys.readouterr().out
+    assert code == ExitCode.INTEGRITY, out
+    assert "FAILED" in out
+    assert not backup.path.exists()
+    assert not [p for p in backup.path.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_recover_skips_a_backup_already_in_the_store(
+        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    backup, _ = site.store_backup("hospital", size=50_000)
+    before = backup.path.stat()
+    assert site.run("offsite", "sync") == ExitCode.OK
+    capsys.readouterr()
+    code = collector_main(["recover", "--config", str(site.config_path), "--from", "weed",
+                           "--identity", str(site.identities[0])])
+    out = capsys.readouterr().out
+    assert code == ExitCode.OK
+    assert "already in the local store" in out and "0 recovered, 1 skipped" in out
+    assert backup.path.stat().st_ino == before.st_ino
+
+
+async def test_copier_retries_a_target_that_is_down_and_copies_once_it_is_back(
+        deployment: Deployment, tmp_path_factory: pytest.TempPathFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Down at the start: the error is recorded; back up: the backup is copied, once."""
+    monkeypatch.setattr(copier_module, "FIRST_BACKOFF", 0.5)
+    own = WeedServer(tmp_path_factory.mktemp("weed-down"))
+    own.start()
+    own.create_bucket("come-back", object_lock=True)
+    own.stop()
+    site = Site(deployment, own, "come-back")
+    backup, _ = site.store_backup("hospital", size=50_000)
+    copier = Copier(site.config.offsite, site.store_root)
+    copier.start()
+    try:
+        await _until(lambda: state.load(site.store_root, "weed").failures_in_a_row >= 1)
+        assert not state.load(site.store_root, "weed").copied
+        await asyncio.to_thread(own.start)
+        await _until(lambda: bool(state.load(site.store_root, "weed").copied), timeout=60)
+    finally:
+        await copier.close()
+    versions = own.client().list_object_versions(Bucket="come-back",
+                                                 Prefix=site.object_key(backup))
+    assert len(versions.get("Versions", [])) == 1
+    own.stop()
+
+
+async def _until(check: object, timeout: float = 30.0) -> None:
+    assert callable(check)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.2)
