@@ -19,7 +19,6 @@ from typing import NoReturn
 
 from collector.config import CollectorConfig, load_collector_config
 from collector.offsite import commands as offsite_commands
-from collector.offsite.copier import Copier, OffsiteSink
 from collector.report.outcomes import FanOut
 from collector.serve.server import CollectorServer, make_context
 from collector.store import files as storage
@@ -100,9 +99,6 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
     # Refuses a locked target on a bucket without Object Lock before serving anything.
     await asyncio.to_thread(offsite_commands.check_locks, config)
     sinks, closers = await build_sinks(config)
-    copier = Copier(config.offsite, config.storage.root)
-    if config.offsite:
-        sinks.append(OffsiteSink(copier))
     ctx = make_context(config, FanOut(*sinks))
     ctx.store.ensure_root()
     swept = await asyncio.to_thread(ctx.store.sweep)
@@ -110,7 +106,6 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
         log.warning("removed %d leftover file(s) of interrupted backups", swept)
     server = CollectorServer(config, ctx)
     await server.start()
-    copier.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -124,7 +119,6 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
         log.info("shutting down: no new connections, draining running backups")
         await server.stop()
     finally:
-        await copier.close()
         for close in closers:
             await close()
     log.info("stopped")

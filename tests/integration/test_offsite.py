@@ -24,7 +24,7 @@ from collector.offsite import copier as copier_module
 from collector.offsite import state
 from collector.offsite.copier import Copier
 from collector.store.files import Store, StoredBackup
-from common.errors import ExitCode
+from common.errors import ConfigError, ExitCode
 
 pytestmark = pytest.mark.integration
 
@@ -292,3 +292,25 @@ async def _until(check: object, timeout: float = 30.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.2)
+
+
+async def test_serve_copies_stored_backups_in_the_background(site: Site) -> None:
+    """`serve` starts the copier: a backup already stored is copied without any command."""
+    from harness import running_collector
+
+    backup, _ = site.store_backup("hospital", size=50_000)
+    async with running_collector(site.config_path):
+        await _until(lambda: bool(state.load(site.store_root, "weed").copied), timeout=60)
+    head = site.weed.client().head_object(Bucket=site.bucket, Key=site.object_key(backup))
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+
+
+async def test_serve_refuses_to_start_when_the_locked_target_has_no_object_lock(
+        deployment: Deployment, weed: WeedServer) -> None:
+    from harness import running_collector
+
+    weed.create_bucket("plain-for-serve", object_lock=False)
+    site = Site(deployment, weed, "plain-for-serve")
+    with pytest.raises(ConfigError, match="has no Object Lock"):
+        async with running_collector(site.config_path):
+            pass
