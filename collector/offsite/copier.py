@@ -49,11 +49,12 @@ def sync_target(target: OffsiteTarget, root: Path, stop: Callable[[], bool] = la
     """
     listener = listener or Listener()
     done = 0
+    # Pending first: a target that cannot even be reached still shows its lag.
+    items = pending(root, target.name)
+    _report_pending(listener, target.name, items)
     try:
         bucket = bucket or Bucket(target)
         bucket.check()
-        items = pending(root, target.name)
-        _report_pending(listener, target.name, items)
         for item in items:
             if stop():
                 break
