@@ -7,15 +7,17 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import textwrap
+import time
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import zstandard
 from botocore.exceptions import ClientError
-from harness import Deployment
+from harness import Deployment, LoopbackProxy, agent_env
 from seaweed_server import ACCESS_KEY, REGION, SECRET_KEY, WeedServer
 
 from collector.cli import main as collector_main
@@ -314,3 +316,86 @@ async def test_serve_refuses_to_start_when_the_locked_target_has_no_object_lock(
     with pytest.raises(ConfigError, match="has no Object Lock"):
         async with running_collector(site.config_path):
             pass
+
+
+class CuttingProxy(LoopbackProxy):
+    """Passes S3 traffic through, but cuts each connection after ``limit`` bytes upstream
+    while ``limit`` is set: a link that dies mid-upload, every time, until mended."""
+
+    def __init__(self, target_port: int, limit: int | None) -> None:
+        super().__init__(target_port)
+        self.limit = limit
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        sent = 0
+
+        async def upstream() -> None:
+            nonlocal sent
+            while data := await reader.read(65536):
+                sent += len(data)
+                if self.limit is not None and sent > self.limit:
+                    return
+                up_writer.write(data)
+                await up_writer.drain()
+
+        down = asyncio.create_task(self.copy(up_reader, writer))
+        await upstream()
+        down.cancel()
+        for w in (writer, up_writer):
+            w.transport.abort()
+
+
+async def test_connection_cut_mid_upload_leaves_nothing_visible_and_retry_copies_once(
+        deployment: Deployment, weed: WeedServer, bucket: str) -> None:
+    """Cut mid-part: the upload is aborted, no object shows; once mended, one copy."""
+    async with CuttingProxy(weed.s3_port, limit=2 * 2**20) as proxy:
+        site = Site(deployment, weed, bucket, endpoint=f"http://127.0.0.1:{proxy.port}")
+        backup, _ = site.store_backup("hospital", size=16 * 2**20)
+        assert await asyncio.to_thread(site.run, "offsite", "sync") == ExitCode.STORAGE
+        client = weed.client()
+        assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+        assert "Versions" not in client.list_object_versions(Bucket=bucket)
+        assert not state.load(site.store_root, "weed").copied
+        proxy.limit = None
+        assert await asyncio.to_thread(site.run, "offsite", "sync") == ExitCode.OK
+    versions = client.list_object_versions(Bucket=bucket, Prefix=site.object_key(backup))
+    assert len(versions["Versions"]) == 1
+
+
+def test_collector_killed_mid_upload_copies_again_after_restart_exactly_once(
+        site: Site) -> None:
+    """kill -9 between parts: no object under the key; the next run copies it whole, once;
+    the sweep aborts the orphan upload once it is old."""
+    backup, sql = site.store_backup("hospital", size=24 * 2**20)
+    slow = site.config_path.read_text() + 'max_rate = "2MiB/s"\n'
+    site.config_path.write_text(slow)
+    client = site.weed.client()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "collector.cli", "offsite", "sync", "--config",
+         str(site.config_path)], env=agent_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not client.list_multipart_uploads(Bucket=site.bucket).get("Uploads"):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+        time.sleep(1.0)  # into the upload, between parts
+    finally:
+        process.kill()
+        process.wait()
+    assert "Versions" not in client.list_object_versions(Bucket=site.bucket)
+    site.config_path.write_text(slow.replace('max_rate = "2MiB/s"\n', ""))
+    assert site.run("offsite", "sync") == ExitCode.OK
+    versions = client.list_object_versions(Bucket=site.bucket, Prefix=site.object_key(backup))
+    assert len(versions["Versions"]) == 1
+    from collector.offsite.bucket import Bucket
+
+    later = datetime.now(UTC) + timedelta(days=2)
+    assert Bucket(load_collector_config(site.config_path).offsite[0]) \
+        .abort_stale_uploads(later) == 1
+    assert not client.list_multipart_uploads(Bucket=site.bucket).get("Uploads")
+    ciphertext = client.get_object(Bucket=site.bucket, Key=site.object_key(backup))["Body"].read()
+    plain = subprocess.run(["age", "-d", "-i", str(site.identities[0])], input=ciphertext,
+                           check=True, capture_output=True).stdout
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(plain) == sql
