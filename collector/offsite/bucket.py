@@ -17,7 +17,9 @@ import base64
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
@@ -32,6 +34,8 @@ from common.errors import ConfigError, StorageError
 log = logging.getLogger(__name__)
 READ_CHUNK = 1024 * 1024
 STALE_UPLOAD = timedelta(days=1)
+PARTS_IN_FLIGHT = 4
+MAX_PARTS = 10_000  # S3's limit per upload
 
 
 class OffsiteError(StorageError):
@@ -140,17 +144,19 @@ class Bucket:
         return {"ObjectLockMode": self.target.lock_mode.upper(),
                 "ObjectLockRetainUntilDate": until}, until
 
-    def upload_stream(self, key: str, stream: IO[bytes]) -> PutResult:
+    def upload_stream(self, key: str, stream: IO[bytes], expected_size: int = 0) -> PutResult:
         """Multipart-upload everything ``stream`` yields; abort on any failure.
 
-        Memory: one part at a time. The object counts only once HEAD confirms its size,
-        ETag and lock.
+        Memory: a few parts (PARTS_IN_FLIGHT + 1), whatever the size. The object counts
+        only once HEAD confirms its size, ETag and lock.
 
         Raises:
             OffsiteError: any request failed (the upload was aborted).
         """
         lock, until = self._lock()
         bucket = self.target.bucket
+        # Parts grow for very large backups so that they fit S3's 10,000 parts.
+        part_size = max(self.target.part_size, -(-expected_size * 11 // 10 // MAX_PARTS))
         try:
             upload_id = self.client.create_multipart_upload(
                 Bucket=bucket, Key=key, ContentType="application/octet-stream", **lock
@@ -158,7 +164,7 @@ class Bucket:
         except (BotoCoreError, ClientError) as exc:
             raise OffsiteError(f"cannot start the upload of {key}: {describe(exc)}") from None
         try:
-            size, sha, parts = self._send_parts(key, upload_id, stream)
+            size, sha, parts = self._send_parts(key, upload_id, stream, part_size)
             done = self.client.complete_multipart_upload(
                 Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
@@ -169,29 +175,45 @@ class Bucket:
             raise
         return self._confirm(key, size, sha, done.get("ETag", ""), until)
 
-    def _send_parts(self, key: str, upload_id: str,
-                    stream: IO[bytes]) -> tuple[int, str, list[dict[str, Any]]]:
+    def _send_parts(self, key: str, upload_id: str, stream: IO[bytes],
+                    part_size: int) -> tuple[int, str, list[dict[str, Any]]]:
+        # Parts go up PARTS_IN_FLIGHT at a time while the next is read and hashed: the
+        # encryption and the network then overlap. Memory: that many parts plus one.
         sha = hashlib.sha256()
         parts: list[dict[str, Any]] = []
         size = 0
         started = time.monotonic()
-        buffer = bytearray(self.target.part_size)
-        while True:
-            filled = _fill(stream, buffer)
-            if filled == 0 and parts:
-                break
-            body = memoryview(buffer)[:filled]
-            sha.update(body)
-            reply = self.client.upload_part(
-                Bucket=self.target.bucket, Key=key, UploadId=upload_id,
-                PartNumber=len(parts) + 1, Body=bytes(body), ContentMD5=_md5(body),
-            )
-            parts.append({"PartNumber": len(parts) + 1, "ETag": reply["ETag"]})
-            size += filled
-            self._throttle(size, started)
-            if filled < len(buffer):
-                break
+        in_flight: deque[Future[dict[str, Any]]] = deque()
+        with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="offsite-part") as pool:
+            try:
+                number = 0
+                while True:
+                    body = stream.read(part_size)
+                    if not body and number:
+                        break
+                    number += 1
+                    sha.update(body)
+                    size += len(body)
+                    if len(in_flight) >= PARTS_IN_FLIGHT:
+                        parts.append(in_flight.popleft().result())
+                    in_flight.append(pool.submit(self._put_part, key, upload_id, number, body))
+                    del body
+                    self._throttle(size, started)
+                    if size % part_size:
+                        break  # a short part is the last one
+                while in_flight:
+                    parts.append(in_flight.popleft().result())
+            finally:
+                for future in in_flight:
+                    future.cancel()
         return size, sha.hexdigest(), parts
+
+    def _put_part(self, key: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
+        reply = self.client.upload_part(
+            Bucket=self.target.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+            Body=body, ContentMD5=_md5(body),
+        )
+        return {"PartNumber": number, "ETag": reply["ETag"]}
 
     def _throttle(self, sent: int, started: float) -> None:
         if self.target.max_rate is None:
@@ -306,13 +328,3 @@ class Bucket:
         return aborted
 
 
-def _fill(stream: IO[bytes], buffer: bytearray) -> int:
-    """Read until ``buffer`` is full or the stream ends; returns the bytes read."""
-    view = memoryview(buffer)
-    filled = 0
-    while filled < len(buffer):
-        got = stream.readinto(view[filled:])  # type: ignore[attr-defined]
-        if not got:
-            break
-        filled += got
-    return filled

@@ -40,7 +40,7 @@ class OffsiteTarget:
     prune: bool = False
     max_rate: int | None = None  # bytes per second; None = unlimited
     concurrency: int = 1  # backups copied at once to this target
-    part_size: int = 16 * 2**20
+    part_size: int = 8 * 2**20
     where: str = field(default="", compare=False)  # "collector.toml: offsite[0]." for messages
 
     def secret_access_key(self) -> str:
@@ -110,7 +110,7 @@ def _target(table: Table) -> OffsiteTarget:
         prune=table.flag("prune", False),
         max_rate=parse_rate(rate_text, table.where("max_rate")) if rate_text else None,
         concurrency=table.integer("concurrency", 1, low=1, high=16),
-        part_size=table.integer("part_size_mib", 16, low=5, high=512) * 2**20,
+        part_size=table.integer("part_size_mib", 8, low=5, high=512) * 2**20,
         where=f"{table.source}: {table.prefix}",
     )
     table.done()

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -55,12 +56,7 @@ def sync_target(target: OffsiteTarget, root: Path, stop: Callable[[], bool] = la
     try:
         bucket = bucket or Bucket(target)
         bucket.check()
-        for item in items:
-            if stop():
-                break
-            facts = copy_backup(bucket, root, item, stop)
-            done += 1
-            listener.copied(target.name, item, int(facts.get("size") or 0))
+        done = _copy_all(bucket, root, items, stop, listener)
         _report_pending(listener, target.name, pending(root, target.name))
     except BackhaulError as exc:
         message = str(exc)
@@ -69,6 +65,31 @@ def sync_target(target: OffsiteTarget, root: Path, stop: Callable[[], bool] = la
                   recorded.failures_in_a_row)
         listener.failed(target.name, message, recorded.failures_in_a_row)
         raise
+    return done
+
+
+def _copy_all(bucket: Bucket, root: Path, items: list[Pending], stop: Callable[[], bool],
+              listener: Listener) -> int:
+    """Copy ``items``, up to the target's ``concurrency`` at once; the first error stops
+    new copies, lets running ones end, and is raised."""
+    name = bucket.target.name
+    failed: list[BaseException] = []
+
+    def one(item: Pending) -> int:
+        if stop() or failed:
+            return 0
+        try:
+            facts = copy_backup(bucket, root, item, stop)
+        except BaseException as exc:
+            failed.append(exc)
+            return 0
+        listener.copied(name, item, int(facts.get("size") or 0))
+        return 1
+
+    with ThreadPoolExecutor(bucket.target.concurrency, thread_name_prefix="offsite") as pool:
+        done = sum(pool.map(one, items))
+    if failed:
+        raise failed[0]
     return done
 
 

@@ -68,10 +68,10 @@ class _Stoppable:
         self.inner = inner
         self.stop = stop
 
-    def readinto(self, view: memoryview) -> int:
+    def read(self, size: int) -> bytes:
         if self.stop():
             raise OffsiteError("stopped by shutdown")
-        return self.inner.readinto(view)  # type: ignore[attr-defined, no-any-return]
+        return self.inner.read(size)
 
 
 def copy_backup(bucket: Bucket, root: Path, item: Pending,
@@ -97,7 +97,9 @@ def copy_backup(bucket: Bucket, root: Path, item: Pending,
         return facts
     recipients = read_recipients(target.recipients_file, f"{target.where}recipients_file")
     with encrypting(item.backup.path, target.recipients_file) as stream:
-        put = bucket.upload_stream(object_key, _Stoppable(stream, stop))  # type: ignore[arg-type]
+        reader = _Stoppable(stream, stop)
+        put = bucket.upload_stream(object_key, reader,  # type: ignore[arg-type]
+                                   item.backup.path.stat().st_size)
     local = item.backup.manifest
     cloud = {
         "cloud_manifest_version": CLOUD_VERSION,
