@@ -164,6 +164,8 @@ def _prune(config: CollectorConfig, args: argparse.Namespace) -> int:
     if actions is not None:
         print(actions, end="\n\n")
     print(prune.summary_table(run, args.dry_run))
+    if not offsite_commands.prune_targets(config, args.dry_run) and not run.stopped:
+        return ExitCode.STORAGE
     if run.stopped:
         return ExitCode.FAILED
     return ExitCode.STORAGE if run.failed else ExitCode.OK

@@ -307,6 +307,35 @@ class Bucket:
         except (BotoCoreError, ClientError) as exc:
             raise OffsiteError(f"cannot list the bucket: {describe(exc)}") from None
 
+    def lock_until(self, key: str) -> tuple[str | None, datetime | None]:
+        """The current version's id and retention date; (None, None) if there is no object.
+
+        Raises:
+            OffsiteError: the HEAD failed for another reason than a missing key.
+        """
+        try:
+            head = self.client.head_object(Bucket=self.target.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None, None
+            raise OffsiteError(f"cannot look up {key}: {describe(exc)}") from None
+        except BotoCoreError as exc:
+            raise OffsiteError(f"cannot look up {key}: {describe(exc)}") from None
+        held = head.get("ObjectLockRetainUntilDate")
+        return head.get("VersionId"), held.astimezone(UTC) if isinstance(held, datetime) else None
+
+    def delete_version(self, key: str, version: str | None) -> None:
+        """Delete one version for good (not a delete marker). Only `prune` calls this.
+
+        Raises:
+            OffsiteError: refused (a lock the HEAD did not show) or failed.
+        """
+        extra = {"VersionId": version} if version else {}
+        try:
+            self.client.delete_object(Bucket=self.target.bucket, Key=key, **extra)
+        except (BotoCoreError, ClientError) as exc:
+            raise OffsiteError(f"cannot delete {key}: {describe(exc)}") from None
+
     def abort_stale_uploads(self, now: datetime | None = None) -> int:
         """Abort unfinished multipart uploads older than a day (billed and invisible).
 

@@ -88,6 +88,29 @@ def check_locks(config: CollectorConfig) -> None:
             log.warning("offsite %s: not reachable at start (%s); will retry", target.name, exc)
 
 
+def prune_targets(config: CollectorConfig, dry_run: bool) -> bool:
+    """After the local prune: cloud copies on targets with `prune = true`; False on failure."""
+    from collector.offsite.prune import prune_target
+
+    ok = True
+    for target in (t for t in config.offsite if t.prune):
+        try:
+            run = prune_target(target, config.storage.root, dry_run)
+        except BackhaulError as exc:
+            print(f"offsite {target.name}: prune FAILED: {exc}")
+            ok = False
+            continue
+        verb = "would delete" if dry_run else "deleted"
+        for ref in run.deleted:
+            print(f"offsite {target.name}: {verb} {ref}")
+        for ref, until in run.locked:
+            print(f"offsite {target.name}: kept {ref}: locked until {until.isoformat()}")
+        for ref, why in run.failed:
+            print(f"offsite {target.name}: FAILED {ref}: {why}")
+        ok = ok and not run.failed
+    return ok
+
+
 def status_command(config: CollectorConfig, args: argparse.Namespace) -> int:
     if not config.offsite:
         print("no [[offsite]] target configured")

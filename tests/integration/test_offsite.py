@@ -399,3 +399,53 @@ def test_collector_killed_mid_upload_copies_again_after_restart_exactly_once(
     plain = subprocess.run(["age", "-d", "-i", str(site.identities[0])], input=ciphertext,
                            check=True, capture_output=True).stdout
     assert zstandard.ZstdDecompressor().decompressobj().decompress(plain) == sql
+
+
+def _prune_locally(backup: StoredBackup) -> None:
+    """What `prune` does to a backup past retention: data file and manifest removed."""
+    os.chmod(backup.path, 0o600)
+    backup.path.unlink()
+    (backup.path.parent / (backup.path.name + ".manifest.json")).unlink()
+
+
+def test_prune_true_deletes_the_cloud_copy_of_a_locally_pruned_backup(
+        deployment: Deployment, weed: WeedServer, capsys: pytest.CaptureFixture[str]) -> None:
+    weed.create_bucket("prune-bucket", object_lock=False)
+    site = Site(deployment, weed, "prune-bucket", lock=False)
+    site.config_path.write_text(site.config_path.read_text() + "prune = true\n")
+    gone, _ = site.store_backup("hospital", size=50_000)
+    kept, _ = site.store_backup("pharmacy", size=50_000)
+    assert site.run("offsite", "sync") == ExitCode.OK
+    _prune_locally(gone)
+    capsys.readouterr()
+    assert site.run("prune") == ExitCode.OK
+    assert "deleted db1/hospital/" in capsys.readouterr().out
+    client = weed.client()
+    assert "Versions" not in client.list_object_versions(Bucket="prune-bucket",
+                                                         Prefix="backhaul/db1/hospital/")
+    assert client.head_object(Bucket="prune-bucket", Key=site.object_key(kept))
+    assert list(state.load(site.store_root, "weed").copied) == [
+        kept.path.relative_to(site.store_root).as_posix()]
+
+
+def test_prune_never_deletes_a_cloud_copy_still_under_lock(
+        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site.config_path.write_text(site.config_path.read_text() + "prune = true\n")
+    backup, _ = site.store_backup("hospital", size=50_000)
+    assert site.run("offsite", "sync") == ExitCode.OK
+    _prune_locally(backup)
+    capsys.readouterr()
+    assert site.run("prune") == ExitCode.OK
+    assert "kept db1/hospital/hospital_20261126.sql.zst: locked until" in capsys.readouterr().out
+    assert site.weed.client().head_object(Bucket=site.bucket, Key=site.object_key(backup))
+
+
+def test_without_prune_true_the_bucket_is_left_alone(
+        deployment: Deployment, weed: WeedServer) -> None:
+    weed.create_bucket("noprune-bucket", object_lock=False)
+    site = Site(deployment, weed, "noprune-bucket", lock=False)
+    backup, _ = site.store_backup("hospital", size=50_000)
+    assert site.run("offsite", "sync") == ExitCode.OK
+    _prune_locally(backup)
+    assert site.run("prune") == ExitCode.OK
+    assert weed.client().head_object(Bucket="noprune-bucket", Key=site.object_key(backup))
