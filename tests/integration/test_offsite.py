@@ -108,6 +108,11 @@ class Site:
     def run(self, *argv: str) -> int:
         return collector_main([*argv, "--config", str(self.config_path)])
 
+    def recover(self, identity: int) -> int:
+        """`recover --from weed` with one administrator's key."""
+        return collector_main(["recover", "--config", str(self.config_path), "--from", "weed",
+                               "--identity", str(self.identities[identity])])
+
     def object_key(self, backup: StoredBackup) -> str:
         return "backhaul/" + backup.path.relative_to(self.store_root).as_posix() + ".age"
 
@@ -125,13 +130,10 @@ def test_sync_copies_and_recover_rebuilds_a_lost_store_byte_identical(
     originals = {b.path: b.path.read_bytes() for b in (first, second)}
     assert site.run("offsite", "sync") == ExitCode.OK
     assert len(state.load(site.store_root, "weed").copied) == 2
-    for path in originals:
-        os.chmod(path, 0o600)
-        path.unlink()
-        (path.parent / (path.name + ".manifest.json")).unlink()
+    for backup in (first, second):
+        _prune_locally(backup)
     capsys.readouterr()
-    code = collector_main(["recover", "--config", str(site.config_path), "--from", "weed",
-                           "--identity", str(site.identities[1])])
+    code = site.recover(1)
     out = capsys.readouterr().out
     assert code == ExitCode.OK, out
     assert "2 recovered, 0 skipped, 0 failed" in out
@@ -238,8 +240,7 @@ def test_recover_refuses_a_tampered_object_and_stores_nothing(
     os.chmod(backup.path, 0o600)
     backup.path.unlink()
     capsys.readouterr()
-    code = collector_main(["recover", "--config", str(site.config_path), "--from", "weed",
-                           "--identity", str(site.identities[0])])
+    code = site.recover(0)
     out = capsys.readouterr().out
     assert code == ExitCode.INTEGRITY, out
     assert "FAILED" in out
@@ -253,8 +254,7 @@ def test_recover_skips_a_backup_already_in_the_store(
     before = backup.path.stat()
     assert site.run("offsite", "sync") == ExitCode.OK
     capsys.readouterr()
-    code = collector_main(["recover", "--config", str(site.config_path), "--from", "weed",
-                           "--identity", str(site.identities[0])])
+    code = site.recover(0)
     out = capsys.readouterr().out
     assert code == ExitCode.OK
     assert "already in the local store" in out and "0 recovered, 1 skipped" in out

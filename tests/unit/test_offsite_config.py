@@ -106,29 +106,25 @@ def test_max_rate_refuses_what_is_not_a_rate(text: str) -> None:
         parse_rate(text, "max_rate")
 
 
-def test_endpoint_must_be_a_url(files: Path) -> None:
-    text = f"""
+def minimal(files: Path, name: str, endpoint: str) -> str:
+    return f"""
 [[offsite]]
-name = "x"
-endpoint = "s3.example.org"
+name = "{name}"
+endpoint = "{endpoint}"
 bucket = "b"
 access_key_id = "a"
 secret_access_key_file = "{files / 'b2.secret'}"
 recipients_file = "{files / 'recipients.txt'}"
 """
+
+
+def test_endpoint_must_be_a_url(files: Path) -> None:
+    text = minimal(files, "x", "s3.example.org")
     with pytest.raises(ConfigError, match="must start with https://"):
         parse_offsite(Table(tomllib.loads(text), files / "c.toml").tables("offsite"))
 
 
 def test_two_targets_with_one_name_are_refused(files: Path) -> None:
-    one = f"""
-[[offsite]]
-name = "same"
-endpoint = "https://a"
-bucket = "b"
-access_key_id = "a"
-secret_access_key_file = "{files / 'b2.secret'}"
-recipients_file = "{files / 'recipients.txt'}"
-"""
+    one = minimal(files, "same", "https://a")
     with pytest.raises(ConfigError, match="appears twice"):
         parse_offsite(Table(tomllib.loads(one + one), files / "c.toml").tables("offsite"))
