@@ -59,6 +59,8 @@ def sync_target(target: OffsiteTarget, root: Path, stop: Callable[[], bool] = la
         done = _copy_all(bucket, root, items, stop, listener)
         _report_pending(listener, target.name, pending(root, target.name))
     except BackhaulError as exc:
+        if stop():
+            raise  # a shutdown is not the target's failure
         message = str(exc)
         recorded = state.record_error(root, target.name, message)
         log.error("offsite %s: %s (failure %d in a row)", target.name, message,

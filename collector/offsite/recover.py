@@ -27,8 +27,8 @@ from collector.offsite.copy import OBJECT_SUFFIX
 from collector.serve.ingest_check import IngestVerifier
 from collector.store.files import Store, check_agent_name
 from common.credentials import check_owner_only
-from common.errors import BackhaulError, ConfigError, IntegrityError
-from common.naming import MANIFEST_SUFFIX, decode_database, parse_backup_name
+from common.errors import BackhaulError, ConfigError, IntegrityError, RemoteProtocolError
+from common.naming import MANIFEST_SUFFIX, decode_database, extension_for, parse_backup_name
 
 if TYPE_CHECKING:
     from collector.config import CollectorConfig
@@ -169,6 +169,9 @@ def _cloud_manifest(bucket: Bucket, item: _Item) -> dict[str, Any]:
         if not complete or not isinstance(backup, dict) or \
                 backup.get("sha256") != cloud["plaintext_sha256"]:
             raise ValueError("fields missing or inconsistent")
-    except (ValueError, KeyError, TypeError) as exc:
+        if extension_for(str(backup.get("format")), str(backup.get("compression"))) \
+                != item.ext or backup.get("database") != item.database:
+            raise ValueError("it describes another database or format than its name")
+    except (ValueError, KeyError, TypeError, RemoteProtocolError) as exc:
         raise IntegrityError(f"cloud manifest of {item.ref} is unusable: {exc}") from None
     return dict(cloud)
