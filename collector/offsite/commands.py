@@ -15,6 +15,7 @@ from collector.offsite.config import OffsiteTarget
 from collector.offsite.copier import sync_target
 from collector.offsite.copy import pending
 from common.errors import BackhaulError, ConfigError, ExitCode
+from common.logsetup import setup_logging
 
 if TYPE_CHECKING:
     from collector.config import CollectorConfig
@@ -131,7 +132,15 @@ def status_command(config: CollectorConfig, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _log_to_folder(config: CollectorConfig, verbose: bool) -> None:
+    """Copies and recoveries are logged like serve's: to the log folder and syslog."""
+    setup_logging("backhaul-collector", config.log.dir, use_syslog=config.log.syslog,
+                  level=getattr(logging, config.log.level.upper()),
+                  stderr_level=logging.INFO if verbose else None)
+
+
 def sync_command(config: CollectorConfig, args: argparse.Namespace) -> int:
+    _log_to_folder(config, args.verbose)
     targets = [target_named(config, args.target)] if args.target else list(config.offsite)
     if not targets:
         raise ConfigError(f"no [[offsite]] target in {config.source}")
@@ -153,6 +162,7 @@ def recover_command(config: CollectorConfig, args: argparse.Namespace) -> int:
     from collector.offsite.recover import recover
 
     target = target_named(config, args.source)
+    _log_to_folder(config, args.verbose)
     run = recover(target, config, args.identity, args.agent, args.database,
                   progress=print)
     print(f"{len(run.stored)} recovered, {len(run.skipped)} skipped, "

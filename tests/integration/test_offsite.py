@@ -211,6 +211,8 @@ def test_wrong_secret_is_a_clear_error_and_leaves_local_backups_alone(
     out = capsys.readouterr().out
     assert "access denied" in out.lower() or "wrong secret" in out.lower()
     assert "not-the-secret" not in out
+    logs = "".join(p.read_text() for p in deployment.collector_logs.glob("*.log"))
+    assert "access denied" in logs.lower() and "not-the-secret" not in logs
     recorded = state.load(site.store_root, "weed")
     assert recorded.failures_in_a_row == 1 and not recorded.copied
     assert backup.path.read_bytes() == before
