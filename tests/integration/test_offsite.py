@@ -18,6 +18,7 @@ import pytest
 import zstandard
 from botocore.exceptions import ClientError
 from harness import Deployment, LoopbackProxy, agent_env
+from mariadb_server import MariaDBServer
 from seaweed_server import ACCESS_KEY, REGION, SECRET_KEY, WeedServer
 
 from collector.cli import main as collector_main
@@ -53,6 +54,12 @@ def age_key(path: Path) -> str:
     subprocess.run(["age-keygen", "-o", str(path)], check=True, capture_output=True)
     out = subprocess.run(["age-keygen", "-y", str(path)], check=True, capture_output=True)
     return out.stdout.decode().strip()
+
+
+def stock_age_decrypt(ciphertext: bytes, identity: Path) -> bytes:
+    """`age -d -i identity`, the stock CLI, as an administrator runs it."""
+    return subprocess.run(["age", "-d", "-i", str(identity)], input=ciphertext,
+                          check=True, capture_output=True).stdout
 
 
 class Site:
@@ -151,8 +158,7 @@ def test_stock_age_and_zstd_restore_the_dump_with_either_recipient_key(site: Sit
         Bucket=site.bucket, Key=site.object_key(backup))["Body"].read()
     assert ciphertext.startswith(b"age-encryption.org/v1\n")
     for identity in site.identities:
-        plain = subprocess.run(["age", "-d", "-i", str(identity)], input=ciphertext,
-                               check=True, capture_output=True).stdout
+        plain = stock_age_decrypt(ciphertext, identity)
         dump = subprocess.run(["zstd", "-dc"], input=plain, check=True,
                               capture_output=True).stdout
         assert dump == sql
@@ -398,8 +404,7 @@ def test_collector_killed_mid_upload_copies_again_after_restart_exactly_once(
         .abort_stale_uploads(later) == 1
     assert not client.list_multipart_uploads(Bucket=site.bucket).get("Uploads")
     ciphertext = client.get_object(Bucket=site.bucket, Key=site.object_key(backup))["Body"].read()
-    plain = subprocess.run(["age", "-d", "-i", str(site.identities[0])], input=ciphertext,
-                           check=True, capture_output=True).stdout
+    plain = stock_age_decrypt(ciphertext, site.identities[0])
     assert zstandard.ZstdDecompressor().decompressobj().decompress(plain) == sql
 
 
@@ -451,3 +456,30 @@ def test_without_prune_true_the_bucket_is_left_alone(
     _prune_locally(backup)
     assert site.run("prune") == ExitCode.OK
     assert weed.client().head_object(Bucket="noprune-bucket", Key=site.object_key(backup))
+
+
+async def test_an_agent_backup_is_copied_off_site_as_soon_as_it_is_stored(
+        deployment: Deployment, weed: WeedServer, bucket: str, mariadb: MariaDBServer,
+        tmp_path: Path) -> None:
+    """The real path: agent → collector store → outcome wakes the copier → bucket."""
+    from harness import mysql_source, run_agent, running_collector
+
+    mariadb.execute("CREATE DATABASE IF NOT EXISTS offsite_e2e")
+    mariadb.execute("CREATE TABLE IF NOT EXISTS offsite_e2e.t (id INT PRIMARY KEY, v TEXT)")
+    mariadb.execute("REPLACE INTO offsite_e2e.t VALUES (1, 'patient'), (2, 'record')")
+    site = Site(deployment, weed, bucket)
+    pw = tmp_path / "mysql.pass"
+    pw.write_text(mariadb.root_password + "\n")
+    pw.chmod(0o600)
+    async with running_collector(site.config_path) as (_, port):
+        agent = deployment.agent_toml(
+            "db1", port, mysql_source(mariadb.port, '["offsite_e2e"]', password_file=pw))
+        run = await run_agent(agent)
+        assert run.returncode == 0, run.stderr
+        # The copier's own rescan is an hour away: only the stored outcome can wake it.
+        await _until(lambda: bool(state.load(site.store_root, "weed").copied), timeout=60)
+    (stored,) = (site.store_root / "db1" / "offsite_e2e").glob("*.sql.zst")
+    key = "backhaul/" + stored.relative_to(site.store_root).as_posix() + ".age"
+    ciphertext = weed.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    plain = await asyncio.to_thread(stock_age_decrypt, ciphertext, site.identities[0])
+    assert plain == stored.read_bytes()
