@@ -199,6 +199,13 @@ def test_a_second_sync_copies_nothing_again(site: Site,
     assert "0 backup(s) copied" in capsys.readouterr().out
 
 
+def test_check_config_reaches_each_target_and_says_so(
+        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    assert site.run("check-config") == ExitCode.OK
+    assert f"offsite weed: {site.weed.endpoint} bucket {site.bucket} (compliance 2 d): " \
+        "reachable" in capsys.readouterr().out
+
+
 def test_lock_on_a_bucket_without_object_lock_is_refused_at_check_config(
         deployment: Deployment, weed: WeedServer, capsys: pytest.CaptureFixture[str]) -> None:
     weed.create_bucket("plain-bucket", object_lock=False)

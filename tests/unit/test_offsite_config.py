@@ -128,3 +128,16 @@ def test_two_targets_with_one_name_are_refused(files: Path) -> None:
     one = minimal(files, "same", "https://a")
     with pytest.raises(ConfigError, match="appears twice"):
         parse_offsite(Table(tomllib.loads(one + one), files / "c.toml").tables("offsite"))
+
+
+def test_max_rate_holds_uploads_back_to_the_rate(files: Path) -> None:
+    """After 1 MiB "sent" at 4 MiB/s, the throttle waits out the rest of 0.25 s."""
+    import time
+
+    from collector.offsite.bucket import Bucket
+
+    (target,) = parse(files, 'max_rate = "4MiB/s"')
+    bucket = Bucket(target)  # builds a client; no request is made
+    started = time.monotonic()
+    bucket._throttle(2**20, started)
+    assert 0.2 <= time.monotonic() - started < 1.0
