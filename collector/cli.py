@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from collector.config import CollectorConfig, load_collector_config
 from collector.enrol import enrol_agent, parse_databases
+from collector.offsite import commands as offsite_commands
 from collector.report.outcomes import FanOut
 from collector.serve.reload import reload_agents
 from collector.serve.server import CollectorServer, make_context
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     verifying.add_argument("--database", help="only this database (with --agent)")
     verifying.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
     verifying.set_defaults(operation=_verify)
+    offsite_commands.add_parsers(sub)
     return parser
 
 
@@ -118,6 +120,8 @@ def _check_config(config: CollectorConfig, as_user: str | None) -> int:
         if checked.returncode != 0:
             print(checked.stderr, end="", file=sys.stderr)
             raise ConfigError(f"{config.source} does not check out as user {as_user!r}")
+    for line in offsite_commands.check_targets(config):
+        print(line)
     print(f"{config.source}: OK ({len(config.agents)} agent(s))"
           + (f", also as user {as_user}" if as_user else ""))
     return ExitCode.OK
@@ -131,6 +135,8 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
     """
     from collector.report.sinks import build_sinks
 
+    # Refuses a locked target on a bucket without Object Lock before serving anything.
+    await asyncio.to_thread(offsite_commands.check_locks, config)
     sinks, closers = await build_sinks(config)
     ctx = make_context(config, FanOut(*sinks))
     ctx.store.ensure_root()
@@ -199,6 +205,8 @@ def _prune(config: CollectorConfig, args: argparse.Namespace) -> int:
     if actions is not None:
         print(actions, end="\n\n")
     print(prune.summary_table(run, args.dry_run))
+    if not offsite_commands.prune_targets(config, args.dry_run) and not run.stopped:
+        return ExitCode.STORAGE
     if run.stopped:
         return ExitCode.FAILED
     return ExitCode.STORAGE if run.failed else ExitCode.OK

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncssh
 
+from collector.offsite.config import OffsiteTarget, parse_offsite
 from collector.report.expectations import AgentExpectations, parse_agent_expectations
 from collector.report.notify import NotifyConfig, parse_notify_config
 from collector.store.retention import RetentionPolicy, parse_retention
@@ -84,6 +85,7 @@ class CollectorConfig:
     metrics_listen: tuple[str, int] | None = None
     notify: NotifyConfig | None = None
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    offsite: tuple[OffsiteTarget, ...] = ()
 
     def agent(self, name: str) -> AgentEntry | None:
         return next((a for a in self.agents if a.name == name), None)
@@ -139,8 +141,10 @@ def load_collector_config(path: Path) -> CollectorConfig:
     if not isinstance(retention_table, dict):
         raise ConfigError(f"{top.where('retention')} must be a table")
     retention = parse_retention(retention_table, str(path))
+    offsite = parse_offsite(top.tables("offsite"))
     top.done()
-    return CollectorConfig(path, server, storage, log, agents, metrics_listen, notify, retention)
+    return CollectorConfig(path, server, storage, log, agents, metrics_listen, notify, retention,
+                           offsite)
 
 
 def agents_dir(config_path: Path) -> Path:

@@ -15,7 +15,7 @@ esac
 
 # iproute2: tests/integration/test_install.py makes two network namespaces with `ip`.
 packages=(mariadb-server mariadb-client postgresql postgresql-contrib zstd openssh-client prometheus prometheus-alertmanager systemd iproute2
-          python3 python3-venv python3-dev gcc ca-certificates curl)
+          python3 python3-venv python3-dev gcc ca-certificates curl age)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

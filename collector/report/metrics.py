@@ -538,6 +538,10 @@ class CollectorMetrics:
         self._last_attempt.labels(*labels).set(now)
         self._last_result.labels(*labels).set(0)
 
+    def label_pair(self, agent: str, database: str | None) -> tuple[str, str]:
+        """The (agent, database) label values for these names, by the policy above."""
+        return self._policy.pair(agent, database)
+
     def agent_seen(self, agent: str) -> None:
         """An agent connected or sent something; unknown agents count as ``_other``."""
         self._agent_seen.labels(self._policy.agent(agent)).set(self._clock())

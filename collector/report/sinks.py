@@ -134,9 +134,28 @@ async def build_sinks(config: CollectorConfig) -> tuple[list[OutcomeSink], list[
         server = await serve_metrics(registry, host, port)
         log.info("metrics on http://%s:%d/metrics", server.host, server.port)
         closers.append(server.close)
+    notifier = None
     if config.notify is not None:
         notifier = Notifier(config.notify, metrics.notification_sent, metrics.notification_failed)
         await notifier.start()
         sinks.append(NotifySink(notifier))
         closers.append(notifier.close)
+    if config.offsite:
+        sinks.append(_offsite_sink(config, registry, metrics, notifier, closers))
     return sinks, closers
+
+
+def _offsite_sink(config: CollectorConfig, registry: CollectorRegistry,
+                  metrics: CollectorMetrics, notifier: Notifier | None,
+                  closers: list[Closer]) -> OutcomeSink:
+    """Start the off-site copier; its sink wakes it on every stored backup."""
+    from collector.offsite.copier import Copier, OffsiteSink
+    from collector.offsite.report import OffsiteReport
+
+    report = OffsiteReport(registry, [t.name for t in config.offsite], metrics.label_pair,
+                           notifier)
+    copier = Copier(config.offsite, Path(config.storage.root), report)
+    copier.start()
+    # Stop copying before the notifier closes (closers run in order): insert first.
+    closers.insert(0, copier.close)
+    return OffsiteSink(copier)

@@ -151,6 +151,19 @@ class Upload:
         self.discard()
         raise StorageError(f"no free name left for {self.database} on {day}")
 
+    def commit_as(self, name: str, manifest: dict[str, Any]) -> StoredBackup:
+        """fsync, then publish under exactly ``name`` (a recovered backup keeps its name).
+
+        Raises:
+            StorageError: I/O error, or ``name`` is already taken (nothing is replaced).
+        """
+        self._sync_and_close()
+        stored = self._publish(self.folder / name, {**manifest, "name": name})
+        if stored is None:
+            self.discard()
+            raise StorageError(f"{self.folder / name} already exists; not replaced")
+        return stored
+
     def _publish(self, final: Path, manifest: dict[str, Any]) -> StoredBackup | None:
         manifest_path = final.with_name(final.name + MANIFEST_SUFFIX)
         manifest_temp = self.folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}"

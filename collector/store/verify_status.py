@@ -185,10 +185,15 @@ def _merge_status(root: Path, run: RunRecord) -> None:
         },
         "mismatches": [asdict(f) for f in [*kept, *run.findings]],
     }
-    _write_atomically(root, STATUS_FILE, json.dumps(status, indent=2).encode())
+    write_atomically(root, STATUS_FILE, json.dumps(status, indent=2).encode())
 
 
-def _write_atomically(root: Path, name: str, content: bytes) -> None:
+def write_atomically(root: Path, name: str, content: bytes) -> None:
+    """Replace ``root/name`` with ``content`` all at once: temp, fsync, rename, folder fsync.
+
+    Raises:
+        StorageError: naming the file.
+    """
     temp = root / f".{name}.{secrets.token_hex(8)}.tmp"
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, STATUS_MODE)

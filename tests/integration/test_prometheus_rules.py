@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from collector.offsite.report import OffsiteReport
 from collector.report.metrics import CollectorMetrics, serve_metrics
 from common.errors import ConfigError
 
@@ -114,7 +115,9 @@ def test_example_alertmanager_config_is_valid() -> None:
 
 def test_rules_use_only_metrics_the_collector_exports(tmp_path: Path) -> None:
     registry = CollectorRegistry()
-    exercise(CollectorMetrics(registry, EXPECTED, tmp_path))
+    metrics = CollectorMetrics(registry, EXPECTED, tmp_path)
+    exercise(metrics)
+    OffsiteReport(registry, ["b2"], metrics.label_pair)
     exported = {sample.name for family in registry.collect() for sample in family.samples}
     used = set(re.findall(r"\bbackhaul_[a-z_]+", RULES.read_text()))
     assert used
