@@ -22,8 +22,8 @@ from common.credentials import read_secret_file
 from common.errors import ConfigError, DumpError
 
 if TYPE_CHECKING:
+    from agent.engines.mysql_connect import MySQLParams
     from agent.engines.mysql_dump import MySQLDump
-    from agent.engines.mysql_inspect import MySQLParams
     from agent.stream.pipe import PipeReader
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class MySQLAdapter:
     format = "sql"
 
     def __init__(self, source: SourceConfig) -> None:
-        from agent.engines.mysql_inspect import MySQLParams
+        from agent.engines.mysql_connect import MySQLParams
 
         assert source.user is not None  # enforced by the config loader
         self.source = source

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
-from agent.engines.mysql_inspect import MySQLParams
+from agent.engines.mysql_connect import MySQLParams
 from agent.stream.pipe import PipeReader, widen
 from common.credentials import scrub
 from common.errors import DumpError

@@ -22,6 +22,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.engines.mysql_connect import MySQLParams
 from agent.engines.mysql_dump import (
     MySQLDump,
     buffered_command,
@@ -31,7 +32,7 @@ from agent.engines.mysql_dump import (
     find_dump_tool,
     option_value,
 )
-from agent.engines.mysql_inspect import MySQLParams, table_checksums
+from agent.engines.mysql_inspect import table_checksums
 from agent.stream.compress_thread import CHUNK, DEPTH, pump
 from common.compression import make_compressor
 from common.errors import DumpError
