@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
 
-from agent.engines.mongo_dump import MongoParams, connect, translate_errors
+from agent.engines.mongo_connect import MongoParams, connect, translate_errors
 from agent.engines.mysql_connect import MySQLParams
 from agent.engines.mysql_dump import client_option_file, find_client_tool
 from agent.restore import mysql_schema
