@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pymysql
 
+from agent.engines.server_params import ServerParams
 from common.credentials import scrub
 from common.errors import DumpError
 
@@ -32,29 +32,8 @@ _CR_CONNECTION_ERRORS = frozenset({2002, 2003, 2005})
 _CR_LOST_CONNECTION = frozenset({2006, 2013})
 
 
-@dataclass(frozen=True)
-class MySQLParams:
+class MySQLParams(ServerParams):
     """How to reach a MySQL/MariaDB server; ``socket``, when set, wins over host and port."""
-
-    host: str
-    port: int
-    socket: str | None
-    user: str
-    password: str | None
-
-    def __repr__(self) -> str:
-        password = "None" if self.password is None else "'***'"
-        return (
-            f"MySQLParams(host={self.host!r}, port={self.port!r}, socket={self.socket!r}, "
-            f"user={self.user!r}, password={password})"
-        )
-
-    @property
-    def endpoint(self) -> str:
-        """Where the server is, for messages: the socket path or ``host:port``."""
-        if self.socket:
-            return f"socket {self.socket}"
-        return f"{self.host}:{self.port}"
 
     @property
     def on_this_host(self) -> bool:
@@ -68,11 +47,9 @@ class MySQLParams:
             return False
 
 
-
 def quote_identifier(name: str) -> str:
     """Quote a MySQL identifier with backticks."""
     return "`" + name.replace("`", "``") + "`"
-
 
 
 def quoted_names(names: Sequence[str]) -> str:
@@ -153,4 +130,3 @@ def _translate(exc: BaseException, params: MySQLParams, database: str | None) ->
         scope = f" (database {database!r})" if database is not None else ""
         message = f"MySQL error {code} on server at {where}{scope}: {detail}"
     return DumpError(scrub(message, params.password))
-

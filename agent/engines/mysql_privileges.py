@@ -210,4 +210,3 @@ def _schema_pattern_matches(pattern: str, database: str) -> bool:
         else:
             regex.append(re.escape(ch))
     return re.fullmatch("".join(regex), database, flags=re.DOTALL) is not None
-
