@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 from agent.engines.mysql_connect import MySQLParams
 from agent.engines.mysql_dump import (
     MySQLDump,
-    buffered_command,
     client_option_file,
     dump_arguments,
     find_client_tool,
@@ -33,6 +32,7 @@ from agent.engines.mysql_dump import (
     option_value,
 )
 from agent.engines.mysql_inspect import table_checksums
+from agent.engines.tool_dump import buffered_command
 from agent.stream.compress_thread import CHUNK, DEPTH, pump
 from common.compression import make_compressor
 from common.errors import DumpError
