@@ -277,8 +277,8 @@ class Bench:
         self.password_file.write_text(self.server.root_password + "\n")
         self.password_file.chmod(0o600)
         self.mysql_cnf = self.tmp / "client.cnf"
+        from agent.engines.mysql_connect import MySQLParams
         from agent.engines.mysql_dump import option_file_text
-        from agent.engines.mysql_inspect import MySQLParams
 
         params = MySQLParams(HOST, self.server.port, None, self.server.root_user,
                              self.server.root_password)

@@ -234,7 +234,8 @@ def read_rawbson(uri: str) -> tuple[int, int]:
 
 def run_mongodump(uri: str) -> tuple[int, int, int]:
     """(documents, document bytes, archive bytes) of the agent's dumper, consumed here."""
-    from agent.engines.mongo_dump import MongoDump, MongoParams
+    from agent.engines.mongo_connect import MongoParams
+    from agent.engines.mongo_dump import MongoDump
 
     async def consume() -> tuple[int, int, int]:
         archive = 0

@@ -22,8 +22,8 @@ from common.credentials import read_secret_file
 from common.errors import ConfigError, DumpError
 
 if TYPE_CHECKING:
+    from agent.engines.mysql_connect import MySQLParams
     from agent.engines.mysql_dump import MySQLDump
-    from agent.engines.mysql_inspect import MySQLParams
     from agent.stream.pipe import PipeReader
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class MySQLAdapter:
     format = "sql"
 
     def __init__(self, source: SourceConfig) -> None:
-        from agent.engines.mysql_inspect import MySQLParams
+        from agent.engines.mysql_connect import MySQLParams
 
         assert source.user is not None  # enforced by the config loader
         self.source = source
@@ -198,7 +198,7 @@ class MongoAdapter:
     format = "archive"
 
     def __init__(self, source: SourceConfig) -> None:
-        from agent.engines.mongo_dump import MongoParams
+        from agent.engines.mongo_connect import MongoParams
 
         assert source.uri is not None  # enforced by the config loader
         self.source = source
@@ -206,7 +206,7 @@ class MongoAdapter:
                                   password=_password(source))
 
     async def discover(self) -> list[str]:
-        from agent.engines.mongo_dump import discover_databases
+        from agent.engines.mongo_inspect import discover_databases
 
         return await asyncio.to_thread(discover_databases, self.params)
 
@@ -214,7 +214,7 @@ class MongoAdapter:
         return self.format
 
     async def preflight(self, database: str) -> Preflight:
-        from agent.engines.mongo_dump import preflight
+        from agent.engines.mongo_inspect import preflight
 
         facts = await asyncio.to_thread(preflight, self.params, database)
         warnings: tuple[str, ...] = () if facts.is_replica_set else (

@@ -1,11 +1,13 @@
-"""MongoDB with pymongo: connection parameters, discovery, preflight and the archive dump.
+"""The MongoDB archive dump: one database read with pymongo into the ``mongodump --archive``
+format.
 
 The dump reads every collection as raw BSON batches (documents are never decoded or
 re-encoded) and writes the ``mongodump --archive`` format (:mod:`common.mongo_archive`),
 so ``mongorestore --archive --gzip`` can restore it once the caller has compressed it.
 pymongo blocks, so one worker thread does all database I/O and hands bounded chunks to
 the event loop through a bounded queue: memory stays bounded and a slow consumer slows
-the reads down.
+the reads down. The connection is :mod:`agent.engines.mongo_connect`'s, the plan of what
+to dump :mod:`agent.engines.mongo_inspect`'s.
 
 Every pymongo failure becomes a :class:`DumpError` whose message never holds the password.
 """
@@ -18,34 +20,32 @@ import importlib.metadata
 import logging
 import re
 import threading
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Final, cast
 
-from bson.binary import Binary
-from bson.errors import BSONError
 from bson.timestamp import Timestamp
-from pymongo import MongoClient
 from pymongo.cursor import RawBatchCursor
-from pymongo.database import Database
-from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
-from common.credentials import scrub
+from agent.engines.mongo_connect import Client, MongoParams, connect, translate_errors
+from agent.engines.mongo_inspect import (
+    DumpPlan,
+    OplogPosition,
+    PlannedCollection,
+    make_plan,
+    oplog_edge,
+)
 from common.errors import BackhaulError, ConfigError, DumpError
 from common.mongo_archive import (
     OPLOG_COLLECTION,
     OPLOG_DB,
     ArchiveHeader,
     ArchiveWriter,
-    CollectionMetadata,
     NamespaceMetadata,
 )
 
 log = logging.getLogger(__name__)
 
-SYSTEM_DATABASES: Final = frozenset({"admin", "local", "config"})
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 DEFAULT_BATCH_SIZE: Final = 1000
 # About this many bytes of documents per cursor batch: pymongo holds several copies of a
@@ -53,294 +53,11 @@ DEFAULT_BATCH_SIZE: Final = 1000
 # would cost the agent far more memory than the rest of the pipeline.
 DEFAULT_BATCH_BYTES: Final = 1024 * 1024
 DEFAULT_QUEUE_CHUNKS: Final = 8
-_AUTH_FAILED_CODES: Final = frozenset({18, 11})  # AuthenticationFailed, UserNotFound
-_VERSION_RE: Final = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
 _USERS_AND_ROLES: Final = (
     ("$admin.system.users", "system.users", True),
     ("$admin.system.roles", "system.roles", True),
     ("$admin.system.version", "system.version", False),
 )
-
-Client = MongoClient[dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class MongoParams:
-    """How to reach a MongoDB server; the password never enters the URI or a repr.
-
-    ``uri`` may carry hosts, a user name and options (TLS, replica set) but no password;
-    ``timeout`` bounds connecting and server selection, ``socket_timeout`` one reply.
-    """
-
-    uri: str
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    timeout: float = 10.0
-    socket_timeout: float = 300.0
-
-    def __post_init__(self) -> None:
-        scheme, sep, rest = self.uri.partition("://")
-        if not sep or scheme not in ("mongodb", "mongodb+srv"):
-            raise ConfigError("MongoDB URI must start with mongodb:// or mongodb+srv://")
-        userinfo, at, _ = re.split(r"[/?]", rest, maxsplit=1)[0].rpartition("@")
-        if at and ":" in userinfo:
-            raise ConfigError("MongoDB URI must not contain a password; give it separately")
-        if self.timeout <= 0 or self.socket_timeout <= 0:
-            raise ConfigError("MongoDB timeouts must be positive")
-
-    @property
-    def hosts(self) -> str:
-        """The host list of the URI, for messages."""
-        rest = self.uri.partition("://")[2]
-        return re.split(r"[/?]", rest, maxsplit=1)[0].rpartition("@")[2]
-
-
-@dataclass(frozen=True, slots=True)
-class OplogPosition:
-    """An oplog timestamp: seconds and ordinal."""
-
-    t: int
-    i: int
-
-    def as_dict(self) -> dict[str, int]:
-        return {"t": self.t, "i": self.i}
-
-
-@dataclass(frozen=True, slots=True)
-class CollectionInfo:
-    """A collection or view to dump, with the server's estimates."""
-
-    name: str
-    type: str
-    documents: int
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class MongoPreflight:
-    """What a dump of one database will find."""
-
-    server_version: str
-    is_replica_set: bool
-    collections: tuple[CollectionInfo, ...]
-    size_estimate: int
-    oplog_start: OplogPosition | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Collection:
-    info: CollectionInfo
-    metadata: CollectionMetadata
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    server_version: str
-    replica_set: str | None
-    collections: tuple[_Collection, ...]
-    oplog_start: OplogPosition | None
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BulkWriteError):  # its text holds whole documents; keep the first error
-        errors = exc.details.get("writeErrors") or [{}]
-        first = errors[0]
-        return (
-            f"{len(errors)} write error(s), first: {first.get('errmsg')} (code {first.get('code')})"
-        )
-    if isinstance(exc, OperationFailure):
-        message = exc.details.get("errmsg") if exc.details else None
-        return f"{message or exc} (code {exc.code})"
-    return str(exc).split(", Timeout:")[0] or type(exc).__name__
-
-
-@contextlib.contextmanager
-def translate_errors(params: MongoParams, action: str) -> Iterator[None]:
-    """Turn pymongo's exceptions into :class:`DumpError` naming ``action`` and the server."""
-    try:
-        yield
-    except OperationFailure as exc:
-        if exc.code in _AUTH_FAILED_CODES:
-            who = params.username or "(no user)"
-            message = f"authentication as {who!r} failed on MongoDB at {params.hosts}"
-        else:
-            message = f"{action} failed on MongoDB at {params.hosts}: {_describe(exc)}"
-        raise DumpError(scrub(message, params.password)) from exc
-    except (PyMongoError, BSONError) as exc:
-        message = f"{action} failed on MongoDB at {params.hosts}: {_describe(exc)}"
-        raise DumpError(scrub(message, params.password)) from exc
-
-
-def connect(params: MongoParams) -> Client:
-    """A client for ``params``; nothing is sent until the first operation.
-
-    Raises :class:`ConfigError` when pymongo rejects the URI or options.
-    """
-    credentials: dict[str, Any] = {}
-    if params.username is not None:
-        credentials["username"] = params.username
-    if params.password is not None:
-        credentials["password"] = params.password
-    millis = int(params.timeout * 1000)
-    try:
-        return MongoClient(
-            params.uri,
-            serverSelectionTimeoutMS=millis,
-            connectTimeoutMS=millis,
-            socketTimeoutMS=int(params.socket_timeout * 1000),
-            appname="backhaul",
-            connect=False,
-            **credentials,
-        )
-    except PyMongoError as exc:
-        raise ConfigError(
-            scrub(f"MongoDB connection settings are invalid: {exc}", params.password)
-        ) from exc
-
-
-def _hello(client: Client, params: MongoParams) -> dict[str, Any]:
-    """The first round trip, which also authenticates."""
-    try:
-        with translate_errors(params, "connecting"):
-            return client.admin.command("hello")
-    except BackhaulError:
-        raise
-    except Exception as exc:  # a server that breaks the handshake surfaces as odd exceptions
-        message = f"connecting failed on MongoDB at {params.hosts}: {type(exc).__name__}"
-        raise DumpError(scrub(message, params.password)) from exc
-
-
-def _server_version(client: Client) -> str:
-    version = str(client.admin.command("buildInfo").get("version", ""))
-    match = _VERSION_RE.match(version)
-    if match is None:
-        raise DumpError(f"MongoDB reported an unparseable version {version!r}")
-    return match.group(0)
-
-
-def discover_databases(params: MongoParams) -> list[str]:
-    """Every database except admin, local and config, sorted; what "all" means.
-
-    Raises :class:`DumpError` when the server is unreachable or refuses.
-    """
-    client = connect(params)
-    try:
-        _hello(client, params)
-        with translate_errors(params, "listing databases"):
-            names = client.list_database_names()
-    finally:
-        client.close()
-    return sorted(name for name in names if name not in SYSTEM_DATABASES)
-
-
-def preflight(params: MongoParams, database: str) -> MongoPreflight:
-    """Check a database can be dumped and estimate its size.
-
-    Raises :class:`DumpError` when the server is down, authentication fails or the
-    database holds something the archive cannot carry (time-series collections).
-    """
-    client = connect(params)
-    try:
-        plan = _make_plan(client, params, database, oplog=None)
-    finally:
-        client.close()
-    infos = tuple(c.info for c in plan.collections)
-    return MongoPreflight(
-        server_version=plan.server_version,
-        is_replica_set=plan.replica_set is not None,
-        collections=infos,
-        size_estimate=sum(info.size for info in infos),
-        oplog_start=plan.oplog_start,
-    )
-
-
-def _make_plan(client: Client, params: MongoParams, database: str, oplog: bool | None) -> _Plan:
-    hello = _hello(client, params)
-    with translate_errors(params, f"reading the layout of {database!r}"):
-        version = _server_version(client)
-        replica_set = hello.get("setName")
-        if oplog and replica_set is None:
-            raise DumpError("a point-in-time dump needs a replica set; this server is not one")
-        start = _oplog_start(client) if replica_set is not None and oplog is not False else None
-        if database not in client.list_database_names():
-            raise DumpError(f"database {database!r} does not exist on MongoDB at {params.hosts}")
-        collections = _list_collections(client[database])
-    return _Plan(version, replica_set, collections, start)
-
-
-def _oplog_start(client: Client) -> OplogPosition:
-    """Where the oplog window starts: the oldest open transaction, else the newest entry."""
-    open_txn = client.config["transactions"].find_one(
-        {"state": {"$in": ["prepared", "inProgress"]}}, sort=[("startOpTime", 1)]
-    )
-    if open_txn is not None:
-        ts = open_txn.get("startOpTime", {}).get("ts")
-        if isinstance(ts, Timestamp):
-            return OplogPosition(ts.time, ts.inc)
-    return _oplog_edge(client, newest=True)
-
-
-def _oplog_edge(client: Client, *, newest: bool) -> OplogPosition:
-    entry = client.local["oplog.rs"].find_one(
-        {}, sort=[("$natural", -1 if newest else 1)], projection={"ts": 1}
-    )
-    ts = entry.get("ts") if entry else None
-    if not isinstance(ts, Timestamp):
-        raise DumpError("the oplog (local.oplog.rs) is empty or unreadable")
-    return OplogPosition(ts.time, ts.inc)
-
-
-def _list_collections(db: Database[dict[str, Any]]) -> tuple[_Collection, ...]:
-    found = []
-    for spec in sorted(db.list_collections(), key=lambda s: str(s.get("name"))):
-        name, kind = str(spec.get("name")), str(spec.get("type", "collection"))
-        if "$" in name or (name.startswith("system.") and name != "system.js"):
-            continue
-        if kind == "timeseries":
-            raise DumpError(f"time-series collection {db.name}.{name} cannot be dumped yet")
-        if kind not in ("collection", "view"):
-            raise DumpError(f"{db.name}.{name} is of unknown type {kind!r}")
-        found.append(_describe_collection(db, spec, name, kind))
-    return tuple(found)
-
-
-def _describe_collection(
-    db: Database[dict[str, Any]], spec: Mapping[str, Any], name: str, kind: str
-) -> _Collection:
-    indexes: list[dict[str, Any]] = []
-    documents = size = 0
-    if kind == "collection":
-        indexes = [dict(index) for index in db[name].list_indexes()]
-        documents, size = _estimate(db, name)
-    metadata = CollectionMetadata(
-        options=dict(spec.get("options") or {}),
-        indexes=indexes,
-        uuid=_uuid_hex(spec.get("info", {}).get("uuid")),
-        collection_name=name,
-        type=kind,
-    )
-    return _Collection(CollectionInfo(name, kind, documents, size), metadata)
-
-
-def _estimate(db: Database[dict[str, Any]], name: str) -> tuple[int, int]:
-    try:
-        stats = db.command("collStats", name)
-        return int(stats.get("count", 0)), int(stats.get("size", 0))
-    except OperationFailure:
-        return db[name].estimated_document_count(), 0
-
-
-def _uuid_hex(value: object) -> str:
-    """The collection UUID as mongodump writes it; empty when there is no real one."""
-    found = None
-    if isinstance(value, uuid.UUID):
-        found = value
-    elif isinstance(value, Binary) and len(value) == 16:
-        found = uuid.UUID(bytes=bytes(value))
-    elif isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            found = uuid.UUID(value)
-    return found.hex if found is not None and found.int else ""
 
 
 def batch_size_for(
@@ -407,7 +124,7 @@ class MongoDump:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Client | None = None
         self._thread: threading.Thread | None = None
-        self._plan: _Plan | None = None
+        self._plan: DumpPlan | None = None
         self._finished = False
         self._metadata: dict[str, Any] = {}
         self.point_in_time = False
@@ -423,7 +140,7 @@ class MongoDump:
             self._client = await asyncio.to_thread(connect, self._params)
             client = self._client
             self._plan = await asyncio.to_thread(
-                _make_plan, client, self._params, self._database, self._oplog
+                make_plan, client, self._params, self._database, self._oplog
             )
         except BaseException:
             await self._close_client()
@@ -490,7 +207,7 @@ class MongoDump:
                 self._put(exc)
 
 
-def _initial_metadata(database: str, plan: _Plan, users: bool) -> dict[str, Any]:
+def _initial_metadata(database: str, plan: DumpPlan, users: bool) -> dict[str, Any]:
     return {
         "database": database,
         "server_version": plan.server_version,
@@ -552,7 +269,7 @@ class _Worker:
             query = {"db": self._db} if by_db else {}
             self._copy(self._db, name, admin[source].find_raw_batches(query))
 
-    def _dump_collection(self, coll: _Collection) -> None:
+    def _dump_collection(self, coll: PlannedCollection) -> None:
         name = coll.info.name
         if coll.info.type == "view":
             self._emit(self._writer.end_namespace(self._db, name))
@@ -567,7 +284,7 @@ class _Worker:
         log.debug("dumped %s.%s: %d documents, %d bytes", self._db, name, documents, size)
 
     def _dump_oplog(self, start: OplogPosition) -> None:
-        end = _oplog_edge(self._client, newest=True)
+        end = oplog_edge(self._client, newest=True)
         self._check_oplog_window(start)
         window = {"$gte": Timestamp(start.t, start.i), "$lte": Timestamp(end.t, end.i)}
         mine = {"$regex": f"^{re.escape(self._db)}\\."}
@@ -583,7 +300,7 @@ class _Worker:
         }
 
     def _check_oplog_window(self, start: OplogPosition) -> None:
-        oldest = _oplog_edge(self._client, newest=False)
+        oldest = oplog_edge(self._client, newest=False)
         if (oldest.t, oldest.i) > (start.t, start.i):
             raise DumpError(
                 "the oplog rolled over during the dump; entries since the start are lost "

@@ -2,7 +2,7 @@
 globals from ``pg_dumpall --globals-only``.
 
 The process handling (pipe, back-pressure, stderr tail, kill on early exit, the exit
-status judged at the end) is :class:`~agent.engines.mysql_dump.ToolDump`'s; this module
+status judged at the end) is :class:`~agent.engines.tool_dump.ToolDump`'s; this module
 says which tool runs and how it finds its server. The password reaches the tool only
 through a 0600 ``PGPASSFILE`` in a private 0700 directory (memory-backed when possible),
 removed once the tool has written its first bytes and in any case when the dump ends:
@@ -26,8 +26,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from agent.engines.mysql_dump import ToolDump, private_dir, remove_private
 from agent.engines.pg_inspect import GLOBALS, PgParams
+from agent.engines.private_file import private_file
+from agent.engines.tool_dump import ToolDump
 from common.errors import DumpError
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"  # Debian's versioned client tools
@@ -79,19 +80,10 @@ def passfile(params: PgParams) -> Iterator[Path]:
         DumpError: the file cannot be written.
     """
     text = passfile_line(params)
-    directory = private_dir("backhaul-pg-")
-    path = directory / "pgpass"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    except OSError as exc:
-        remove_private(directory, path)
-        raise DumpError(f"cannot write the PostgreSQL passfile: {exc.strerror or exc}") from exc
-    try:
+    with private_file(
+        text, name="pgpass", prefix="backhaul-pg-", what="PostgreSQL passfile"
+    ) as path:
         yield path
-    finally:
-        remove_private(directory, path)
 
 
 def client_environment(params: PgParams, database: str | None, pass_file: Path) -> dict[str, str]:

@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 
 from agent.config import PG_GLOBALS
+from agent.engines.server_params import ServerParams
 from common.errors import DumpError
 
 GLOBALS = PG_GLOBALS  # the roles and tablespaces, backed up as a database of this name
@@ -31,29 +32,8 @@ _MAX_NAMES_IN_MESSAGE = 5
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
 
-@dataclass(frozen=True)
-class PgParams:
+class PgParams(ServerParams):
     """How to reach a PostgreSQL server; ``socket`` (a directory), when set, wins over host."""
-
-    host: str
-    port: int
-    socket: str | None
-    user: str
-    password: str | None
-
-    def __repr__(self) -> str:
-        password = "None" if self.password is None else "'***'"
-        return (
-            f"PgParams(host={self.host!r}, port={self.port!r}, socket={self.socket!r}, "
-            f"user={self.user!r}, password={password})"
-        )
-
-    @property
-    def endpoint(self) -> str:
-        """Where the server is, for messages: the socket directory or ``host:port``."""
-        if self.socket:
-            return f"socket {self.socket}"
-        return f"{self.host}:{self.port}"
 
     @property
     def server_host(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from bson.raw_bson import RawBSONDocument
 
-from agent.engines.mongo_dump import Client, MongoParams, connect, translate_errors
+from agent.engines.mongo_connect import Client, MongoParams, connect, translate_errors
 from common.errors import ConfigError, DumpError, IntegrityError
 from common.mongo_archive import (
     OPLOG_COLLECTION,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from agent.engines.mysql_inspect import MySQLParams, connect
+from agent.engines.mysql_connect import MySQLParams, connect
 
 # What every mysqldump/mariadb-dump restore runs: CREATE/DROP TABLE, INSERT, the
 # ALTER TABLE ... DISABLE KEYS around the data and LOCK TABLES ... WRITE.

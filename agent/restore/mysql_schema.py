@@ -3,7 +3,7 @@
 Whether a target database exists and holds anything, creating and dropping it, reading
 the binary-log position after a dump, and whether this user may keep its own writes out
 of the binary log. Blocking (pymysql); callers run it in a worker thread. It shares
-:mod:`agent.engines.mysql_inspect`'s connection, so errors arrive as one-line
+:mod:`agent.engines.mysql_connect`'s connection, so errors arrive as one-line
 :class:`~common.errors.DumpError` messages without the password.
 """
 
@@ -16,12 +16,8 @@ from typing import Any
 
 import pymysql
 
-from agent.engines.mysql_inspect import (
-    MySQLParams,
-    connect,
-    quote_identifier,
-    read_binlog_position,
-)
+from agent.engines.mysql_connect import MySQLParams, connect, quote_identifier
+from agent.engines.mysql_inspect import read_binlog_position
 from common.errors import DumpError
 
 MAX_NAME = 64  # MySQL's limit for a database name

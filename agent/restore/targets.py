@@ -20,9 +20,9 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
 
-from agent.engines.mongo_dump import MongoParams, connect, translate_errors
+from agent.engines.mongo_connect import MongoParams, connect, translate_errors
+from agent.engines.mysql_connect import MySQLParams
 from agent.engines.mysql_dump import client_option_file, find_client_tool
-from agent.engines.mysql_inspect import MySQLParams
 from agent.restore import mysql_schema
 from agent.restore.mongo_loader import RestoreResult, restore_archive
 from agent.restore.mysql_grants import missing_restore_privileges

@@ -13,7 +13,7 @@ from typing import Any
 import pymongo
 import pytest
 
-from agent.engines.mongo_dump import MongoParams
+from agent.engines.mongo_connect import MongoParams
 from tests.integration.harness import Deployment
 from tests.integration.mariadb_server import MariaDBNotInstalled, MariaDBServer
 from tests.integration.mongo_server import NxServer

@@ -20,12 +20,9 @@ from bson.int64 import Int64
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 
-from agent.engines.mongo_dump import (
-    MongoDump,
-    MongoParams,
-    discover_databases,
-    preflight,
-)
+from agent.engines.mongo_connect import MongoParams
+from agent.engines.mongo_dump import MongoDump
+from agent.engines.mongo_inspect import discover_databases, preflight
 from agent.restore.mongo_loader import restore_archive
 from common.errors import ConfigError, DumpError, IntegrityError
 from common.mongo_archive import ArchiveReader, Prelude, verify_archive

@@ -34,7 +34,8 @@ from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 
 from agent.config import load_agent_config
-from agent.engines.mongo_dump import MongoDump, MongoParams
+from agent.engines.mongo_connect import MongoParams
+from agent.engines.mongo_dump import MongoDump
 from agent.link.connection import CollectorClient
 from agent.restore.mongo_loader import restore_archive
 from common.errors import RejectedError, TransportError

@@ -7,13 +7,8 @@ import ssl
 
 import pytest
 
-from agent.engines.mysql_inspect import (
-    MySQLParams,
-    connect,
-    discover_databases,
-    preflight,
-    table_checksums,
-)
+from agent.engines.mysql_connect import MySQLParams, connect
+from agent.engines.mysql_inspect import discover_databases, preflight, table_checksums
 from common.errors import DumpError
 from tests.integration.loopback import free_port
 from tests.integration.mariadb_server import MariaDBServer

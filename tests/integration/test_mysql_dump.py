@@ -22,16 +22,17 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.engines.mysql_connect import MySQLParams
 from agent.engines.mysql_dump import (
     MySQLDump,
-    buffered_command,
     client_option_file,
     dump_arguments,
     find_client_tool,
     find_dump_tool,
     option_value,
 )
-from agent.engines.mysql_inspect import MySQLParams, table_checksums
+from agent.engines.mysql_inspect import table_checksums
+from agent.engines.tool_dump import buffered_command
 from agent.stream.compress_thread import CHUNK, DEPTH, pump
 from common.compression import make_compressor
 from common.errors import DumpError
