@@ -12,7 +12,6 @@ import json
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -23,13 +22,13 @@ import aiofiles
 import asyncssh
 
 from collector.report.outcomes import FanOut, Outcome
+from collector.serve.flow import ChannelClosed, Inbox, RateFloor
 from collector.store.files import Store, StoredBackup, Upload
 from common.errors import (
     BackhaulError,
     RejectCode,
     RemoteProtocolError,
     StorageError,
-    TransportError,
 )
 from common.events import (
     Abort,
@@ -54,8 +53,6 @@ from common.protocol import SUBSYSTEM, Closed, Connection, Role, State
 from common.text import escape_control
 
 log = logging.getLogger(__name__)
-HIGH_WATER = 4 * 1024 * 1024  # queued bytes before we stop reading the channel
-LOW_WATER = 1024 * 1024
 BATCH_BYTES = 1024 * 1024  # received DATA verified in one step, at most
 FETCH_CHUNK = 256 * 1024
 ENGINES = {
@@ -86,94 +83,6 @@ class SessionContext:
     uploads: int = 0  # BEGIN…END in progress, over all sessions
 
 
-class ChannelClosed(TransportError):
-    """The channel closed or the connection dropped before the request was done."""
-
-
-class _Inbox:
-    """Bytes received on the channel, with flow control by pausing the channel.
-
-    Items are bytes, b"" for the agent's EOF and None once the connection is lost.
-    """
-
-    def __init__(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
-        self._chan = chan
-        self._items: deque[bytes | None] = deque()
-        self._ready = asyncio.Event()
-        self._queued = 0
-        self._paused = False
-        self.held_back = False  # paused at some time since the rate floor last looked
-
-    def put(self, data: bytes | None) -> None:
-        self._items.append(data)
-        self._ready.set()
-        if data:
-            self._queued += len(data)
-            if self._queued > HIGH_WATER and not self._paused:
-                self._paused = True
-                self.held_back = True
-                self._chan.pause_reading()
-
-    async def get(self) -> bytes | None:
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._take()
-
-    def get_nowait(self) -> bytes | None:
-        """Bytes (or the EOF mark) already queued; None if there are none. A lost
-        connection is left for :meth:`get` to report."""
-        if not self._items or self._items[0] is None:
-            return None
-        return self._take()
-
-    def _take(self) -> bytes | None:
-        data = self._items.popleft()
-        if data:
-            self._queued -= len(data)
-            if self._paused and self._queued < LOW_WATER:
-                self._paused = False
-                self._chan.resume_reading()
-        return data
-
-    @property
-    def paused(self) -> bool:
-        """True while we hold the agent back because our own queue is full."""
-        return self._paused
-
-
-class _RateFloor:
-    """Cuts off an upload that trickles: every window must average ``rate`` bytes/s.
-
-    A window in which the collector itself held the agent back (reading paused) at
-    any time is not held against the agent.
-    """
-
-    def __init__(self, rate: int, window: float, now: float, received: int) -> None:
-        self.rate = rate
-        self.window = window
-        self.next_check = now + window
-        self._since = now
-        self._mark = received
-
-    def check(self, received: int, now: float, held_back: bool) -> bool:
-        """Judge the window if it is over; True when a new one starts.
-
-        Raises:
-            RemoteProtocolError: too slow (reject code ``protocol``).
-        """
-        if now < self.next_check:
-            return False
-        got, elapsed = received - self._mark, now - self._since
-        if not held_back and got < self.rate * elapsed:
-            raise RemoteProtocolError(
-                f"upload too slow: {got} bytes in {elapsed:.0f} s "
-                f"(at least {self.rate} bytes/s required)"
-            )
-        self._since, self._mark, self.next_check = now, received, now + self.window
-        return True
-
-
 class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     """Deny-by-default session: only the `backhaul` subsystem is accepted."""
 
@@ -187,19 +96,19 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.agent = agent
         self.peer = peer
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
-        self._inbox: _Inbox | None = None
+        self._inbox: Inbox | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._conn = Connection(Role.COLLECTOR)
         self._received = 0  # bytes that arrived on the channel, counted on arrival
         self._deadline = 0.0  # loop time by which the request must be complete
         self._start_timer: asyncio.TimerHandle | None = None
-        self._floor: _RateFloor | None = None
+        self._floor: RateFloor | None = None
 
     # --- asyncssh callbacks -------------------------------------------------------
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
-        self._inbox = _Inbox(chan)
+        self._inbox = Inbox(chan)
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + self._ctx.handshake_timeout
         # A channel that never asks for the subsystem would otherwise stay open forever.
@@ -307,7 +216,7 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def start_rate_floor(self) -> None:
         """From now on, hold the upload to the configured minimum rate."""
         if self._ctx.min_upload_rate > 0:
-            self._floor = _RateFloor(self._ctx.min_upload_rate, self._ctx.min_upload_rate_window,
+            self._floor = RateFloor(self._ctx.min_upload_rate, self._ctx.min_upload_rate_window,
                                      asyncio.get_running_loop().time(), self._received)
 
     async def _send(self, event: Event) -> None:
