@@ -3,6 +3,9 @@
 The agent's namespace is the authenticated agent name handed in by the server; nothing
 in the stream can change it. Any error ends the request with a REJECT, discards the
 temporary file, and yields one log line naming the peer and the cause.
+
+Each request kind has its own handler (``upload``, ``report``, ``lookup``), which sees
+this session only as the :class:`~collector.serve.context.RequestChannel` it implements.
 """
 
 from __future__ import annotations
