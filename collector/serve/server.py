@@ -22,7 +22,8 @@ import asyncssh
 
 from collector.config import AgentEntry, CollectorConfig
 from collector.report.outcomes import FanOut
-from collector.serve.session import BackhaulSession, SessionContext
+from collector.serve.context import SessionContext
+from collector.serve.session import BackhaulSession
 from collector.store.files import Store
 from common.errors import TransportError
 from common.identity import AgentAuthenticator

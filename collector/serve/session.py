@@ -3,175 +3,32 @@
 The agent's namespace is the authenticated agent name handed in by the server; nothing
 in the stream can change it. Any error ends the request with a REJECT, discards the
 temporary file, and yields one log line naming the peer and the cause.
+
+Each request kind has its own handler (``upload``, ``report``, ``lookup``), which sees
+this session only as the :class:`~collector.serve.context.RequestChannel` it implements.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import secrets
-import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
-from typing import Any
 
-import aiofiles
 import asyncssh
 
-from collector.report.outcomes import FanOut, Outcome
-from collector.store.files import Store, StoredBackup, Upload
-from common.errors import (
-    BackhaulError,
-    RejectCode,
-    RemoteProtocolError,
-    StorageError,
-    TransportError,
-)
-from common.events import (
-    Abort,
-    Ack,
-    Begin,
-    Data,
-    End,
-    Event,
-    Fetch,
-    FetchMeta,
-    Listing,
-    ListRequest,
-    Reject,
-    Report,
-    Stored,
-    encode_payload,
-)
-from common.frames import MAX_CONTROL_PAYLOAD, encode_frame
-from common.integrity import DEFAULT_MAX_RATIO, IntegrityChecker
-from common.naming import check_database_name, extension_for
+from collector.serve.context import SessionContext
+from collector.serve.flow import ChannelClosed, Inbox, RateFloor
+from collector.serve.lookup import serve_fetch, serve_list
+from collector.serve.report import serve_report
+from collector.serve.upload import BackupUpload
+from common.errors import BackhaulError, RejectCode, RemoteProtocolError, StorageError
+from common.events import Begin, Event, Fetch, ListRequest, Reject, Report, encode_payload
+from common.frames import encode_frame
 from common.protocol import SUBSYSTEM, Closed, Connection, Role, State
 from common.text import escape_control
 
 log = logging.getLogger(__name__)
-HIGH_WATER = 4 * 1024 * 1024  # queued bytes before we stop reading the channel
-LOW_WATER = 1024 * 1024
-BATCH_BYTES = 1024 * 1024  # received DATA verified in one step, at most
-FETCH_CHUNK = 256 * 1024
-ENGINES = {
-    "mysql": ("sql",),
-    "mongodb": ("archive",),
-    "postgresql": ("pgdump", "pgsql"),  # each database's archive; the globals' SQL
-}
-
-
-@dataclass
-class SessionContext:
-    """What every session of the collector shares."""
-
-    store: Store
-    timezone: tzinfo
-    outcomes: FanOut
-    idle_timeout: float = 300.0
-    handshake_timeout: float = 30.0  # channel open -> HELLO -> request, in all
-    min_upload_rate: int = 1024  # bytes/s each window of an upload must average; 0: off
-    min_upload_rate_window: float = 60.0
-    clock_skew: float = 600.0
-    max_backup_bytes: int | None = None
-    max_expansion: int = DEFAULT_MAX_RATIO
-    allowed: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
-    agent_max_bytes: dict[str, int | None] = field(default_factory=dict)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    clock: Any = time.time
-    uploads: int = 0  # BEGIN…END in progress, over all sessions
-
-
-class ChannelClosed(TransportError):
-    """The channel closed or the connection dropped before the request was done."""
-
-
-class _Inbox:
-    """Bytes received on the channel, with flow control by pausing the channel.
-
-    Items are bytes, b"" for the agent's EOF and None once the connection is lost.
-    """
-
-    def __init__(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
-        self._chan = chan
-        self._items: deque[bytes | None] = deque()
-        self._ready = asyncio.Event()
-        self._queued = 0
-        self._paused = False
-        self.held_back = False  # paused at some time since the rate floor last looked
-
-    def put(self, data: bytes | None) -> None:
-        self._items.append(data)
-        self._ready.set()
-        if data:
-            self._queued += len(data)
-            if self._queued > HIGH_WATER and not self._paused:
-                self._paused = True
-                self.held_back = True
-                self._chan.pause_reading()
-
-    async def get(self) -> bytes | None:
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._take()
-
-    def get_nowait(self) -> bytes | None:
-        """Bytes (or the EOF mark) already queued; None if there are none. A lost
-        connection is left for :meth:`get` to report."""
-        if not self._items or self._items[0] is None:
-            return None
-        return self._take()
-
-    def _take(self) -> bytes | None:
-        data = self._items.popleft()
-        if data:
-            self._queued -= len(data)
-            if self._paused and self._queued < LOW_WATER:
-                self._paused = False
-                self._chan.resume_reading()
-        return data
-
-    @property
-    def paused(self) -> bool:
-        """True while we hold the agent back because our own queue is full."""
-        return self._paused
-
-
-class _RateFloor:
-    """Cuts off an upload that trickles: every window must average ``rate`` bytes/s.
-
-    A window in which the collector itself held the agent back (reading paused) at
-    any time is not held against the agent.
-    """
-
-    def __init__(self, rate: int, window: float, now: float, received: int) -> None:
-        self.rate = rate
-        self.window = window
-        self.next_check = now + window
-        self._since = now
-        self._mark = received
-
-    def check(self, received: int, now: float, held_back: bool) -> bool:
-        """Judge the window if it is over; True when a new one starts.
-
-        Raises:
-            RemoteProtocolError: too slow (reject code ``protocol``).
-        """
-        if now < self.next_check:
-            return False
-        got, elapsed = received - self._mark, now - self._since
-        if not held_back and got < self.rate * elapsed:
-            raise RemoteProtocolError(
-                f"upload too slow: {got} bytes in {elapsed:.0f} s "
-                f"(at least {self.rate} bytes/s required)"
-            )
-        self._since, self._mark, self.next_check = now, received, now + self.window
-        return True
 
 
 class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
@@ -181,33 +38,33 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                  on_close: Callable[[], None] | None = None) -> None:
         # busy: when set, why every request on this channel is answered REJECT busy.
         # on_close: called once when the channel is gone (the server counts channels).
-        self._ctx = ctx
+        self.ctx = ctx
         self._busy = busy
         self._on_close = on_close
         self.agent = agent
         self.peer = peer
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
-        self._inbox: _Inbox | None = None
+        self._inbox: Inbox | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._conn = Connection(Role.COLLECTOR)
         self._received = 0  # bytes that arrived on the channel, counted on arrival
         self._deadline = 0.0  # loop time by which the request must be complete
         self._start_timer: asyncio.TimerHandle | None = None
-        self._floor: _RateFloor | None = None
+        self._floor: RateFloor | None = None
 
     # --- asyncssh callbacks -------------------------------------------------------
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
-        self._inbox = _Inbox(chan)
+        self._inbox = Inbox(chan)
         loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self._ctx.handshake_timeout
+        self._deadline = loop.time() + self.ctx.handshake_timeout
         # A channel that never asks for the subsystem would otherwise stay open forever.
         self._start_timer = loop.call_at(self._deadline, self._not_started)
 
     def _not_started(self) -> None:
         log.warning("closing a channel of agent %s (%s): no subsystem requested in %.0f s",
-                    self.agent, self.peer, self._ctx.handshake_timeout)
+                    self.agent, self.peer, self.ctx.handshake_timeout)
         if self._chan is not None:
             self._chan.close()
 
@@ -235,8 +92,8 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self._start_timer is not None:
             self._start_timer.cancel()
         task = asyncio.get_running_loop().create_task(self._run())
-        self._ctx.tasks.add(task)
-        task.add_done_callback(self._ctx.tasks.discard)
+        self.ctx.tasks.add(task)
+        task.add_done_callback(self.ctx.tasks.discard)
 
     def data_received(self, data: bytes, datatype: object) -> None:
         assert self._inbox is not None
@@ -264,15 +121,21 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def resume_writing(self) -> None:
         self._can_write.set()
 
-    # --- protocol ---------------------------------------------------------------
-    async def _next_event(self) -> Event:
+    # --- protocol: what the request handlers (upload, report, lookup) call --------------
+    @property
+    def peer_max_data(self) -> int:
+        """The largest DATA payload the agent accepts."""
+        return self._conn.peer_max_data
+
+    async def next_event(self) -> Event:
+        """The next event from the agent, within the idle timeout and the rate floor."""
         while True:
             event = self._conn.next_event()
             if event is not None:
                 return event
             self._conn.receive_data(await self._receive())
 
-    def _queued_event(self) -> Event | None:
+    def queued_event(self) -> Event | None:
         """The next event that can be had without waiting, or None."""
         assert self._inbox is not None
         while (event := self._conn.next_event()) is None:
@@ -286,7 +149,7 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         """The next bytes from the agent, within the idle timeout and the rate floor."""
         assert self._inbox is not None
         loop = asyncio.get_running_loop()
-        idle_at = loop.time() + self._ctx.idle_timeout
+        idle_at = loop.time() + self.ctx.idle_timeout
         while True:
             wake = idle_at
             if self._floor is not None:
@@ -298,7 +161,7 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                     data = await self._inbox.get()
             except TimeoutError:
                 if wake >= idle_at:
-                    raise ChannelClosed(f"idle for {self._ctx.idle_timeout:.0f} s") from None
+                    raise ChannelClosed(f"idle for {self.ctx.idle_timeout:.0f} s") from None
                 continue
             if data is None:
                 raise ChannelClosed("connection lost")
@@ -306,22 +169,23 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def start_rate_floor(self) -> None:
         """From now on, hold the upload to the configured minimum rate."""
-        if self._ctx.min_upload_rate > 0:
-            self._floor = _RateFloor(self._ctx.min_upload_rate, self._ctx.min_upload_rate_window,
+        if self.ctx.min_upload_rate > 0:
+            self._floor = RateFloor(self.ctx.min_upload_rate, self.ctx.min_upload_rate_window,
                                      asyncio.get_running_loop().time(), self._received)
 
-    async def _send(self, event: Event) -> None:
+    async def send(self, event: Event) -> None:
+        """Send one event, waiting (up to the idle timeout) while the agent reads nothing."""
         await self._write(self._conn.send(event))
 
     async def _write(self, data: bytes) -> None:
         assert self._chan is not None
         try:
             # An agent that stops reading must not hold this task (and an open file) forever.
-            async with asyncio.timeout(self._ctx.idle_timeout):
+            async with asyncio.timeout(self.ctx.idle_timeout):
                 await self._can_write.wait()
         except TimeoutError:
             raise ChannelClosed(
-                f"agent read nothing for {self._ctx.idle_timeout:.0f} s"
+                f"agent read nothing for {self.ctx.idle_timeout:.0f} s"
             ) from None
         try:
             self._chan.write(data)
@@ -332,27 +196,27 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         try:
             request = await self._open()
             if isinstance(request, Begin):
-                await _Upload(self, request).run()
+                await BackupUpload(self, request).run()
             elif isinstance(request, Report):
-                await self._report(request)
+                await serve_report(self, request)
             elif isinstance(request, ListRequest):
-                await self._list(request)
+                await serve_list(self, request)
             elif isinstance(request, Fetch):
-                await self._fetch(request)
+                await serve_fetch(self, request)
         except RemoteProtocolError as exc:
             log.warning("protocol error from agent %s (%s): %s", self.agent, self.peer,
                         escape_control(str(exc), backslash=False))
-            await self._reject(exc.reject_code, str(exc))
+            await self.reject(exc.reject_code, str(exc))
         except ChannelClosed as exc:
             log.info("channel from agent %s (%s) ended: %s", self.agent, self.peer,
                      escape_control(str(exc), backslash=False))
         except BackhaulError as exc:
             log.error("request from agent %s (%s) failed: %s", self.agent, self.peer,
                       escape_control(str(exc), backslash=False))
-            await self._reject(exc.reject_code, str(exc))
+            await self.reject(exc.reject_code, str(exc))
         except Exception:  # a collector bug: log it in full, tell the agent little
             log.exception("internal error serving agent %s (%s)", self.agent, self.peer)
-            await self._reject(RejectCode.INTERNAL, "internal error on the collector")
+            await self.reject(RejectCode.INTERNAL, "internal error on the collector")
         finally:
             if self._chan is not None:
                 self._chan.close()
@@ -367,15 +231,16 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             async with asyncio.timeout_at(self._deadline):
                 await self._handshake()
                 if self._busy is not None:
-                    await self._reject(RejectCode.BUSY, self._busy)
+                    await self.reject(RejectCode.BUSY, self._busy)
                     return None
-                return await self._next_event()
+                return await self.next_event()
         except TimeoutError:
             raise RemoteProtocolError(
-                f"no complete HELLO and request within {self._ctx.handshake_timeout:.0f} s"
+                f"no complete HELLO and request within {self.ctx.handshake_timeout:.0f} s"
             ) from None
 
-    async def _reject(self, code: RejectCode, reason: str) -> None:
+    async def reject(self, code: RejectCode, reason: str) -> None:
+        """Tell the agent why its request failed, if the channel still lets us."""
         event = Reject(code.value, escape_control(reason, backslash=False)[:1000])
         try:
             if self._conn.state is State.START:
@@ -383,317 +248,23 @@ class BackhaulSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 # HELLO by now and accepts a REJECT; say why rather than just hang up.
                 await self._write(encode_frame(event.frame_type, encode_payload(event)))
             else:
-                await self._send(event)
+                await self.send(event)
         except Exception:  # the channel may be gone or the state final; nothing to tell
             log.debug("could not send REJECT to %s", self.agent)
 
     async def _handshake(self) -> None:
-        hello = await self._next_event()
+        hello = await self.next_event()
         if isinstance(hello, Closed):
             raise ChannelClosed("closed before HELLO")
         assert hasattr(hello, "versions")  # the state machine only lets HELLO through
         version = self._conn.choose_version(hello)  # type: ignore[arg-type]
-        await self._send(self._conn.hello(version))
-        self._ctx.outcomes.agent_seen(self.agent)
+        await self.send(self._conn.hello(version))
+        self.ctx.outcomes.agent_seen(self.agent)
 
-    async def _report(self, report: Report) -> None:
-        database = report.database
-        if database is not None and not (_storable(database) and self._database_allowed(database)):
-            database = None
-        # The agent composed it, its own names already escaped: do not double those escapes.
-        message = escape_control(report.message, backslash=False)
-        if report.kind != "failure":
-            await self._drill_report(report, database, message)
-            return
-        log.error("agent %s reports failure (%s) for %s: %s", self.agent,
-                  escape_control(report.reason), escape_control(database or "-"), message)
-        self._ctx.outcomes.finished(Outcome(
-            agent=self.agent, database=database, backup_id=secrets.token_hex(6),
-            result="failure", reason=escape_control(report.reason), message=message,
-            is_report=True,
-        ))
-        await self._send(Ack())
-
-    async def _drill_report(self, report: Report, database: str | None, message: str) -> None:
-        ok = report.kind == "drill_ok"
-        if database is None:
-            raise RemoteProtocolError("a drill report names a database", RejectCode.NOT_ALLOWED)
-        level = logging.INFO if ok else logging.ERROR
-        log.log(level, "agent %s restore drill of %s %s: %s", self.agent,
-                escape_control(database), "passed" if ok else "FAILED", message)
-        self._ctx.outcomes.finished(Outcome(
-            agent=self.agent, database=database, backup_id=secrets.token_hex(6),
-            result="success" if ok else "failure",
-            reason=None if ok else escape_control(report.reason) or "drill",
-            message=message, is_drill=True,
-        ))
-        await self._send(Ack())
-
-    async def _list(self, request: ListRequest) -> None:
-        if request.database is not None:
-            check_database_name(request.database)
-        backups = await asyncio.to_thread(self._ctx.store.backups, self.agent, request.database)
-        summaries: list[dict[str, Any]] = []
-        budget = MAX_CONTROL_PAYLOAD - 1024
-        for backup in reversed(backups):  # newest first, as many as fit
-            summary = _summary(backup)
-            budget -= len(json.dumps(summary, ensure_ascii=False).encode()) + 8
-            if budget < 0:
-                break
-            summaries.append(summary)
-        await self._send(Listing(tuple(reversed(summaries))))
-
-    async def _fetch(self, request: Fetch) -> None:
-        check_database_name(request.database)
-        folder = self._ctx.store.database_folder(self.agent, request.database)
-        match = [b for b in await asyncio.to_thread(self._ctx.store.backups, self.agent,
-                                                    request.database)
-                 if b.name == request.name]
-        if not match:
-            raise RemoteProtocolError(
-                f"no backup {request.name!r} of {request.database!r}", RejectCode.NOT_FOUND
-            )
-        backup = match[0]
-        await self._send(FetchMeta(backup.name, backup.manifest))
-        sent = 0
-        async with aiofiles.open(folder / backup.name, "rb") as handle:
-            while chunk := await handle.read(min(FETCH_CHUNK, self._conn.peer_max_data)):
-                await self._send(Data(chunk))
-                sent += len(chunk)
-        await self._send(End(sent, str(backup.manifest.get("sha256", "")), {}))
-        log.info("agent %s fetched %s (%d bytes)", self.agent, backup.name, sent)
-
-    def _database_allowed(self, database: str) -> bool:
-        allowed = self._ctx.allowed.get(self.agent)
+    def database_allowed(self, database: str) -> bool:
+        """True when this agent may send backups of the database."""
+        allowed = self.ctx.allowed.get(self.agent)
         return allowed is None or database in allowed
-
-
-def _storable(database: str) -> bool:
-    try:
-        check_database_name(database)
-    except RemoteProtocolError:
-        return False
-    return True
-
-
-def _summary(backup: StoredBackup) -> dict[str, Any]:
-    manifest = backup.manifest
-    return {
-        "name": backup.name,
-        "database": manifest.get("database"),
-        "size": manifest.get("size"),
-        "sha256": manifest.get("sha256"),
-        "started_at": manifest.get("started_at"),
-        "engine": manifest.get("engine"),
-        "verified": bool(manifest.get("verified")),
-    }
-
-
-def parse_started_at(text: str, now: float, skew: float) -> datetime:
-    """The agent's start time, if it is a real UTC time close to the collector's clock.
-
-    Raises:
-        RemoteProtocolError: reject code ``bad_time``.
-    """
-    try:
-        started = datetime.fromisoformat(text)
-    except ValueError:
-        raise RemoteProtocolError("started_at is not an ISO 8601 time", RejectCode.BAD_TIME) \
-            from None
-    if started.tzinfo is None or started.utcoffset() != timedelta(0):
-        raise RemoteProtocolError("started_at must be in UTC", RejectCode.BAD_TIME)
-    offset = started.timestamp() - now
-    if abs(offset) > skew:
-        raise RemoteProtocolError(
-            f"started_at is {offset:+.0f} s from the collector's clock "
-            f"(more than {skew:.0f} s allowed)",
-            RejectCode.BAD_TIME,
-        )
-    return started.astimezone(UTC)
-
-
-class _Upload:
-    """The BEGIN → DATA… → END|ABORT part of one session."""
-
-    def __init__(self, session: BackhaulSession, begin: Begin) -> None:
-        self.session = session
-        self.ctx = session._ctx
-        self.begin = begin
-        self.backup_id = secrets.token_hex(6)
-        self.started_monotonic = time.monotonic()
-        self.upload: Upload | None = None
-        self.verifier: IntegrityChecker | None = None
-
-    def _label(self) -> str:
-        return f"{self.session.agent}/{escape_control(self.begin.database)} [{self.backup_id}]"
-
-    async def run(self) -> None:
-        agent, database = self.session.agent, self.begin.database
-        self.ctx.outcomes.started(agent, database, self.backup_id)
-        self.ctx.uploads += 1
-        try:
-            stored = await self._receive()
-        except asyncio.CancelledError as exc:
-            await self._fail(exc)
-            raise
-        except Exception as exc:
-            if self.upload is not None:  # gone before the agent hears why
-                await asyncio.to_thread(self.upload.discard)
-            await self._fail(exc)
-            if isinstance(exc, BackhaulError):
-                if not isinstance(exc, ChannelClosed | _Aborted):
-                    await self.session._reject(exc.reject_code, str(exc))
-            else:
-                log.exception("internal error receiving %s", self._label())
-                await self.session._reject(RejectCode.INTERNAL, "internal error on the collector")
-            return
-        finally:
-            self.ctx.uploads -= 1
-            if self.upload is not None:
-                await asyncio.to_thread(self.upload.discard)
-        log.info("stored %s as %s (%d bytes, sha256 %s)", self._label(), stored.name,
-                 stored.manifest["size"], stored.manifest["sha256"])
-        self.ctx.outcomes.finished(Outcome(
-            agent=agent, database=database, backup_id=self.backup_id, result="success",
-            reason=None, message=f"stored as {stored.name}",
-            size_bytes=int(stored.manifest["size"]),
-            uncompressed_bytes=int(stored.manifest["verification"]["uncompressed_bytes"]),
-            duration_s=time.monotonic() - self.started_monotonic, name=stored.name,
-        ))
-        await self.session._send(Stored(stored.name, stored.manifest["sha256"],
-                                        int(stored.manifest["size"])))
-
-    async def _fail(self, exc: BaseException) -> None:
-        if isinstance(exc, asyncio.CancelledError):
-            reason, message = "shutdown", "collector shutting down"
-        elif isinstance(exc, ChannelClosed):
-            reason, message = "transport", f"connection cut mid-stream: {exc}"
-        elif isinstance(exc, _Aborted) and exc.code:
-            reason, message = exc.code, str(exc)
-        elif isinstance(exc, BackhaulError):
-            reason, message = exc.reject_code.value, str(exc)
-        else:
-            reason, message = RejectCode.INTERNAL.value, "internal error"
-        log.error("backup %s from %s failed (%s): %s", self._label(), self.session.peer, reason,
-                  escape_control(message, backslash=False))
-        self.ctx.outcomes.finished(Outcome(
-            agent=self.session.agent, database=self.begin.database, backup_id=self.backup_id,
-            result="failure", reason=reason, message=escape_control(message, backslash=False),
-            size_bytes=self.upload.bytes_written if self.upload else 0,
-            duration_s=time.monotonic() - self.started_monotonic,
-        ))
-
-    def _validate(self) -> tuple[str, str, datetime]:
-        begin = self.begin
-        check_database_name(begin.database)
-        if not self.session._database_allowed(begin.database):
-            raise RemoteProtocolError(
-                f"agent {self.session.agent} may not send database {begin.database!r}",
-                RejectCode.NOT_ALLOWED,
-            )
-        formats = ENGINES.get(begin.engine)
-        if formats is None or begin.format not in formats:
-            raise RemoteProtocolError(
-                f"unsupported engine/format {begin.engine!r}/{begin.format!r}"
-            )
-        ext = extension_for(begin.format, begin.compression)
-        started = parse_started_at(begin.started_at, self.ctx.clock(), self.ctx.clock_skew)
-        return begin.format, ext, started
-
-    def _cap(self) -> int | None:
-        caps = [c for c in (self.ctx.max_backup_bytes,
-                            self.ctx.agent_max_bytes.get(self.session.agent)) if c]
-        return min(caps) if caps else None
-
-    async def _receive(self) -> StoredBackup:
-        fmt, ext, started = self._validate()
-        cap = self._cap()
-        self.upload = await asyncio.to_thread(
-            self.ctx.store.begin, self.session.agent, self.begin.database, ext
-        )
-        self.verifier = IntegrityChecker(fmt, self.begin.compression, self.ctx.max_expansion)
-        log.info("receiving %s from %s (%s, started %s)", self._label(), self.session.peer, ext,
-                 escape_control(self.begin.started_at))
-        self.session.start_rate_floor()
-        pending: Event | None = None
-        while True:
-            event = pending or await self.session._next_event()
-            pending = None
-            if isinstance(event, Data):
-                # Every DATA already received is verified and written in one step: one
-                # step per frame cost the collector a fifth of its CPU in thread wake-ups.
-                batch, size = [event.payload], len(event.payload)
-                while size < BATCH_BYTES and isinstance(
-                    pending := self.session._queued_event(), Data
-                ):
-                    batch.append(pending.payload)
-                    size += len(pending.payload)
-                    pending = None
-                if cap is not None and self.upload.bytes_written + size > cap:
-                    raise RemoteProtocolError(
-                        f"backup exceeds the maximum size of {cap} bytes", RejectCode.TOO_LARGE
-                    )
-                if self.ctx.uploads == 1:
-                    # Alone, an upload is verified in the event loop's thread: a hand-over
-                    # per batch moved the bytes to another core and cost a tenth of the
-                    # collector's CPU. With several at once, worker threads let more
-                    # than one core verify (hashing and zstd release the GIL).
-                    self._take(batch)
-                else:
-                    await asyncio.to_thread(self._take, batch)
-            elif isinstance(event, End):
-                return await self._finish(event, started)
-            elif isinstance(event, Abort):
-                raise _Aborted(escape_control(event.reason, backslash=False), event.code)
-            elif isinstance(event, Closed):
-                raise ChannelClosed("agent closed the channel before END")
-
-    def _take(self, payloads: list[bytes]) -> None:
-        assert self.upload is not None and self.verifier is not None
-        for payload in payloads:
-            self.verifier.feed(payload)
-            self.upload.write(payload)
-
-    async def _finish(self, end: End, started: datetime) -> StoredBackup:
-        assert self.upload is not None and self.verifier is not None
-        facts = self.verifier.finish(end.byte_count, end.sha256)
-        now = datetime.now(UTC)
-        manifest: dict[str, Any] = {
-            "manifest_version": 1,
-            "agent": self.session.agent,
-            "database": self.begin.database,
-            "source": self.begin.source,
-            "engine": self.begin.engine,
-            "format": self.begin.format,
-            "compression": self.begin.compression,
-            "size": end.byte_count,
-            "sha256": end.sha256,
-            "started_at": started.isoformat(),
-            "received_at": datetime.fromtimestamp(
-                now.timestamp() - (time.monotonic() - self.started_monotonic), UTC
-            ).isoformat(),
-            "stored_at": now.isoformat(),
-            "timezone": str(self.ctx.timezone),
-            "size_estimate": self.begin.size_estimate,
-            "verified": True,
-            "verification": {"sha256": True, "byte_count": True, "stream_complete": True,
-                             **facts},
-            "dump": end.metadata,
-            "backup_id": self.backup_id,
-        }
-        day = started.astimezone(self.ctx.timezone).date()
-        upload = self.upload
-        return await asyncio.to_thread(upload.commit, day, manifest)
-
-
-class _Aborted(BackhaulError):
-    """The agent sent ABORT."""
-
-    reject_code = RejectCode.ABORTED
-
-    def __init__(self, reason: str, code: str = "") -> None:
-        super().__init__(f"agent aborted: {reason}")
-        self.code = code
 
 
 def storage_free(root: Path) -> int:

@@ -35,8 +35,8 @@ from agent.link.connection import Channel, CollectorClient
 from certs import ca
 from collector.config import ServerConfig, load_collector_config
 from collector.report.outcomes import FanOut
+from collector.serve.context import SessionContext
 from collector.serve.server import CollectorServer, make_context
-from collector.serve.session import SessionContext
 from common.errors import ConfigError, RejectedError, TransportError
 from common.events import (
     Begin,

@@ -13,7 +13,7 @@ from agent.config import PG_GLOBALS, SourceConfig, load_agent_config
 from agent.engines.pg_dump import client_environment, passfile_line
 from agent.engines.pg_inspect import PgParams
 from agent.restore.pg_loader import conninfo_quote
-from collector.serve.session import ENGINES
+from collector.serve.upload import ENGINES
 from common.errors import ConfigError, DumpError
 from common.naming import backup_name, extension_for, parse_backup_name
 

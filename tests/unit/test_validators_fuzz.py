@@ -27,7 +27,9 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from collector.report.outcomes import FanOut
-from collector.serve.session import BackhaulSession, SessionContext, parse_started_at
+from collector.serve.context import SessionContext
+from collector.serve.session import BackhaulSession
+from collector.serve.upload import parse_started_at
 from collector.store.files import Store
 from common.errors import RejectCode, RemoteProtocolError
 from common.events import EVENT_TYPES, Event, Reject, decode_payload
