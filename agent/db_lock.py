@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.shared_dirs import give_to_owner, make_shared_folder
+from agent.shared_dirs import make_shared_folder
 from common.errors import BackhaulError, ConfigError, ExitCode
+from common.fsutil import give_to_folder_owner
 from common.naming import encode_database
 from common.text import escape_control
 
@@ -102,7 +103,7 @@ class DatabaseLock:
                 "the service's user or root, or set [agent] run_dir"
             ) from None
         with contextlib.suppress(OSError):
-            give_to_owner(fd, self.run_dir)
+            give_to_folder_owner(fd, self.run_dir)
         return fd
 
     def _write_holder(self, fd: int) -> None:

@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.shared_dirs import give_to_owner, make_shared_folder
+from agent.shared_dirs import make_shared_folder
+from common.fsutil import give_to_folder_owner
 from common.naming import decode_database, encode_database
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def _write_atomically(path: Path, content: bytes, state_dir: Path) -> None:
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            give_to_owner(fd, state_dir)
+            give_to_folder_owner(fd, state_dir)
             view = memoryview(content)
             while view:
                 view = view[os.write(fd, view) :]

@@ -11,6 +11,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from common.fsutil import give_to_folder_owner
+
 
 def make_shared_folder(folder: Path, top: Path) -> None:
     """Create ``folder`` (inside ``top``, at most two levels down) and what is missing
@@ -27,17 +29,6 @@ def make_shared_folder(folder: Path, top: Path) -> None:
             part.mkdir(mode=0o700)
             fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                give_to_owner(fd, top)
+                give_to_folder_owner(fd, top)
             finally:
                 os.close(fd)
-
-
-def give_to_owner(fd: int, top: Path) -> None:
-    """When running as root, hand the open file or folder ``fd`` to the owner of ``top``.
-
-    Raises:
-        OSError: ``top`` cannot be read or the change is refused.
-    """
-    if os.geteuid() == 0:
-        st = os.stat(top)
-        os.fchown(fd, st.st_uid, st.st_gid)
