@@ -10,16 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from collector.offsite import state
-from collector.offsite.bucket import Bucket, OffsiteError
 from collector.offsite.config import OffsiteTarget
-from collector.offsite.copier import sync_target
-from collector.offsite.copy import pending
 from common.errors import BackhaulError, ConfigError, ExitCode
 from common.logsetup import setup_logging
 
 if TYPE_CHECKING:
     from collector.config import CollectorConfig
 
+# boto3 (about 10 MiB and a tenth of a second) loads only where a command reaches a
+# bucket: a collector without [[offsite]] targets never imports it.
 log = logging.getLogger(__name__)
 Operation = Callable[["CollectorConfig", argparse.Namespace], int]
 
@@ -63,6 +62,8 @@ def check_targets(config: CollectorConfig) -> list[str]:
         ConfigError: a lock is configured on a bucket without Object Lock.
         StorageError: a bucket cannot be reached or used.
     """
+    from collector.offsite.bucket import Bucket
+
     lines = []
     for target in config.offsite:
         Bucket(target).check()
@@ -82,6 +83,8 @@ def check_locks(config: CollectorConfig) -> None:
         ConfigError: a lock is configured on a bucket without Object Lock, or a secret
             or recipients file is unusable.
     """
+    from collector.offsite.bucket import Bucket, OffsiteError
+
     for target in config.offsite:
         try:
             Bucket(target).check()
@@ -113,6 +116,8 @@ def prune_targets(config: CollectorConfig, dry_run: bool) -> bool:
 
 
 def status_command(config: CollectorConfig, args: argparse.Namespace) -> int:
+    from collector.offsite.copy import pending
+
     if not config.offsite:
         print("no [[offsite]] target configured")
         return ExitCode.OK
@@ -140,6 +145,8 @@ def _log_to_folder(config: CollectorConfig, verbose: bool) -> None:
 
 
 def sync_command(config: CollectorConfig, args: argparse.Namespace) -> int:
+    from collector.offsite.copier import sync_target
+
     _log_to_folder(config, args.verbose)
     targets = [target_named(config, args.target)] if args.target else list(config.offsite)
     if not targets:
