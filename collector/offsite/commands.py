@@ -62,6 +62,8 @@ def check_targets(config: CollectorConfig) -> list[str]:
         ConfigError: a lock is configured on a bucket without Object Lock.
         StorageError: a bucket cannot be reached or used.
     """
+    if not config.offsite:
+        return []
     from collector.offsite.bucket import Bucket
 
     lines = []
@@ -83,6 +85,8 @@ def check_locks(config: CollectorConfig) -> None:
         ConfigError: a lock is configured on a bucket without Object Lock, or a secret
             or recipients file is unusable.
     """
+    if not config.offsite:
+        return
     from collector.offsite.bucket import Bucket, OffsiteError
 
     for target in config.offsite:
@@ -94,10 +98,13 @@ def check_locks(config: CollectorConfig) -> None:
 
 def prune_targets(config: CollectorConfig, dry_run: bool) -> bool:
     """After the local prune: cloud copies on targets with `prune = true`; False on failure."""
+    pruned = [t for t in config.offsite if t.prune]
+    if not pruned:
+        return True
     from collector.offsite.prune import prune_target
 
     ok = True
-    for target in (t for t in config.offsite if t.prune):
+    for target in pruned:
         try:
             run = prune_target(target, config.storage.root, dry_run)
         except BackhaulError as exc:
