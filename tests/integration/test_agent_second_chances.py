@@ -345,8 +345,11 @@ async def test_a_damaged_state_file_is_a_warning_and_the_service_runs(
                               'schedule = "every 2s"\n')
         service = await start_service(config, output)
         try:
-            await wait_for(lambda: backups(deployment.store, "db1", "my-db") != [],
-                           "a scheduled backup despite the damaged record")
+            # The record, not the stored file: the agent writes it once STORED arrives,
+            # and a stop between the two would leave the damaged record in place.
+            await wait_for(lambda: (r := state.load("main", "my-db")) is not None
+                           and r.last_success is not None,
+                           "a scheduled backup recorded despite the damaged record")
         finally:
             code = await stop_service(service)
     assert code == 0, output.read_text()
