@@ -135,6 +135,15 @@ def test_a_negative_chunk_length_is_refused() -> None:
         check(data[:at] + pg_int(-5) + data[at + 5:])
 
 
+def test_a_chunk_longer_than_the_limit_is_refused_without_waiting_for_it() -> None:
+    data = archive()
+    block = bytes([1]) + pg_int(2)
+    at = data.index(block) + len(block)
+    checker = PgArchiveChecker()
+    with pytest.raises(IntegrityError, match="bad chunk length 4294967295"):
+        checker.feed(data[:at] + pg_int(2**32 - 1) + b"partial row")
+
+
 @pytest.mark.parametrize(("data", "message"), [
     (b"PGDMX" + bytes(40), "no PGDMP header"),
     (b"PGDMP" + bytes([1, 13, 0, 4, 8, 1]) + bytes(40), "version 1.13"),
