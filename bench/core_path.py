@@ -501,45 +501,13 @@ class Bench:
 
     def profile(self) -> dict[str, Any]:
         """One extra, untimed backup with py-spy on the agent and the collector."""
-        spy = shutil.which("py-spy")
-        if spy is None:
-            raise BenchError("--profile needs py-spy (pip install py-spy)")
         assert self.collector is not None
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        OUT_DIR.mkdir(parents=True, exist_ok=True)
-        files = {who: OUT_DIR / f"core_path-{stamp}-{who}.txt" for who in ("agent", "collector")}
-        log("profiling one extra backup with py-spy (collapsed stacks, speedscope can open "
-            "them)")
-        common = ["record", "--format", "raw", "--rate", "250", "--threads"]
-        with open(self.tmp / "py-spy-collector.log", "wb") as spy_log:
-            watcher = subprocess.Popen(
-                [spy, *common, "--output", str(files["collector"]), "--pid",
-                 str(self.collector.pid)], stdout=spy_log, stderr=spy_log,
-            )
-        time.sleep(1.0)
         agent_cmd = [*console_script("backhaul-agent", "agent.cli"), "backup", "--config",
                      str(self.agent_config), "--database", self.database]
-        with (self.tmp / "py-spy-agent.out").open("wb") as out, \
-                (self.tmp / "py-spy-agent.err").open("wb") as err:
-            timed = spawn_and_time(
-                [spy, *common, "--output", str(files["agent"]), "--", *agent_cmd], env=None,
-                stdout=out, stderr=err, sample_children=True,
-            )
-        watcher.send_signal(signal.SIGINT)
         try:
-            watcher.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            watcher.kill()
-            watcher.wait()
-        self._clean_outputs()
-        summary = {who: top_frames(path) for who, path in files.items() if path.is_file()}
-        for who, ranks in summary.items():
-            for kind in ("inclusive", "self"):
-                print(f"\npy-spy {who}: share of busy samples, {kind}")
-                for line in ranks[kind]:
-                    print(f"  {line['share']:6.1%}  {line['frame']}")
-        return {"seconds_under_profiler": round(timed.seconds, 2),
-                "files": {k: str(v) for k, v in files.items()}, "top": summary}
+            return profile_backup("core_path", self.collector.pid, agent_cmd, self.tmp)
+        finally:
+            self._clean_outputs()
 
     def result(self, load_before: tuple[float, float, float], elapsed: float,
                profile: dict[str, Any] | None) -> dict[str, Any]:
@@ -623,6 +591,46 @@ class Bench:
             log(f"kept {self.tmp}")
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def profile_backup(bench: str, collector_pid: int, agent_cmd: list[str],
+                   tmp: Path) -> dict[str, Any]:
+    """Run ``agent_cmd`` (one backup) under py-spy, with py-spy on the collector too;
+    print and return where the busy samples went."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise BenchError("--profile needs py-spy (pip install py-spy)")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    files = {who: OUT_DIR / f"{bench}-{stamp}-{who}.txt" for who in ("agent", "collector")}
+    log("profiling one extra backup with py-spy (collapsed stacks, speedscope can open them)")
+    common = ["record", "--format", "raw", "--rate", "250", "--threads"]
+    with open(tmp / "py-spy-collector.log", "wb") as spy_log:
+        watcher = subprocess.Popen(
+            [spy, *common, "--output", str(files["collector"]), "--pid", str(collector_pid)],
+            stdout=spy_log, stderr=spy_log,
+        )
+    time.sleep(1.0)
+    with (tmp / "py-spy-agent.out").open("wb") as out, \
+            (tmp / "py-spy-agent.err").open("wb") as err:
+        timed = spawn_and_time(
+            [spy, *common, "--output", str(files["agent"]), "--", *agent_cmd], env=None,
+            stdout=out, stderr=err, sample_children=True,
+        )
+    watcher.send_signal(signal.SIGINT)
+    try:
+        watcher.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        watcher.kill()
+        watcher.wait()
+    summary = {who: top_frames(path) for who, path in files.items() if path.is_file()}
+    for who, ranks in summary.items():
+        for kind in ("inclusive", "self"):
+            print(f"\npy-spy {who}: share of busy samples, {kind}")
+            for line in ranks[kind]:
+                print(f"  {line['share']:6.1%}  {line['frame']}")
+    return {"seconds_under_profiler": round(timed.seconds, 2),
+            "files": {k: str(v) for k, v in files.items()}, "top": summary}
 
 
 IDLE_LEAVES = (

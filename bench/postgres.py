@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     HOST,
     OUT_DIR,
+    REPO,
     BenchError,
     agent_toml,
     balanced_order,
@@ -54,6 +55,7 @@ from _common import (
     machine_info,
     median,
     mib,
+    proc_cpu,
     read_status_kib,
     reset_peak_rss,
     source_revision,
@@ -61,8 +63,9 @@ from _common import (
     stop_process,
     tool_version,
     wait_for_ssh_banner,
+    wait_no_children,
 )
-from core_path import INTEGRATION, Sshd, console_script, niced
+from core_path import Sshd, console_script, niced, profile_backup
 
 METHODS = {
     "A": "backhaul-agent backup (to a loopback collector)",
@@ -87,9 +90,10 @@ ROW_BYTES = 230  # about one row of the dump, for the row count
 
 
 def load_helpers() -> tuple[Any, Any]:
-    sys.path.insert(0, str(INTEGRATION))
-    import harness
-    import postgres_server
+    """The integration-test helpers: harness, postgres_server."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.integration import harness, postgres_server
 
     return harness, postgres_server
 
@@ -204,6 +208,20 @@ class Bench:
         self.dataset["dump_bytes"] = int(done.stdout.strip())
         log(f"custom-format dump is {self.dataset['dump_bytes'] / 1e9:.3f} GB")
 
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.server.datadir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def cpu_around(self) -> dict[str, float]:
+        """CPU seconds so far: the server's reaped backends (the dump's session ends with
+        the method), the collector, and what sshd's reaped children used."""
+        postmaster = self.postmaster_pid()
+        return {"db": proc_cpu(postmaster)[1] if postmaster else 0.0,
+                "collector": proc_cpu(self.collector.pid)[0] if self.collector else 0.0,
+                "sshd": proc_cpu(self.sshd.pid)[1] if self.sshd else 0.0}
+
     def run_method(self, method: str, round_no: int) -> dict[str, Any]:
         out = (self.tmp / f"{method}{round_no}.out").open("wb")
         err_path = self.tmp / f"{method}{round_no}.err"
@@ -220,13 +238,21 @@ class Bench:
                    f"{shlex.join(self.ssh_command())} {remote}"]
         else:
             cmd = ["bash", "-e", "-o", "pipefail", "-c", f"{self.dump_command()} > /dev/null"]
+        before = self.cpu_around()
         with out, err:
             timed = spawn_and_time(cmd, env=None, stdout=out, stderr=err, sample_children=True)
         if timed.returncode != 0:
             raise BenchError(f"method {method} failed: {err_path.read_text()[-2000:]}")
+        if method == "B" and self.sshd is not None:
+            wait_no_children(self.sshd.pid)
+        after = self.cpu_around()
+        receiver = {"A": "collector", "B": "sshd"}.get(method)
         run: dict[str, Any] = {"method": method, "round": round_no,
                                "seconds": round(timed.seconds, 3),
-                               "cpu_local_s": round(timed.cpu_s, 2)}
+                               "cpu_local_s": round(timed.cpu_s, 2),
+                               "cpu_db_s": round(after["db"] - before["db"], 2)}
+        if receiver is not None:
+            run["cpu_receiver_s"] = round(after[receiver] - before[receiver], 2)
         if method == "A":
             assert self.collector is not None
             (stored,) = (self.store / AGENT_NAME / DATABASE).glob("*.pgdump.zst")
@@ -265,11 +291,20 @@ class Bench:
                 log(f"  {run['seconds']:.2f} s" + (
                     f", agent VmHWM {run['agent_hwm_mib']:.1f} MiB" if method == "A" else ""))
                 self.runs.append(run)
-        return self.result(load_before)
+        result = self.result(load_before)
+        if self.args.profile:
+            assert self.collector is not None
+            agent_cmd = [*console_script("backhaul-agent", "agent.cli"), "backup",
+                         "--config", str(self.agent_config), "--database", DATABASE]
+            result["profile"] = profile_backup("postgres", self.collector.pid, agent_cmd,
+                                               self.tmp)
+        return result
 
     def result(self, load_before: tuple[float, float, float]) -> dict[str, Any]:
         med = {m: median([r["seconds"] for r in self.runs if r["method"] == m])
                for m in METHODS}
+        cpu = {m: {k: median([r[k] for r in self.runs if r["method"] == m and k in r])
+                   for k in ("cpu_local_s", "cpu_receiver_s", "cpu_db_s")} for m in METHODS}
         sizes = {m: median([r["compressed_bytes"] for r in self.runs
                             if r["method"] == m and "compressed_bytes" in r]) for m in "AB"}
         peak = max(r["agent_hwm_mib"] for r in self.runs if r["method"] == "A")
@@ -284,6 +319,7 @@ class Bench:
                 "zstd": tool_version(["zstd", "--version"])}), "source": source_revision()},
             "dataset": self.dataset,
             "median_s": med,
+            "median_cpu_s": cpu,
             "compressed_bytes": sizes,
             "ratios": {"backhaul_over_pipe": ratio,
                        "backhaul_over_floor": (med["A"] or 0) / (med["D"] or 1)},
@@ -311,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed rounds, run one more backup under py-spy")
     parser.add_argument("--receiver-nice", type=int, default=0, metavar="N",
                         help="run the receiving side (collector; sshd) at niceness N, so it "
                              "stands for another machine (as core_path.py)")
@@ -330,8 +368,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeat} round(s); medians:")
     for method, label in METHODS.items():
         size = result["compressed_bytes"].get(method)
+        cpu = result["median_cpu_s"][method]
         print(f"  {method} {label:55} {result['median_s'][method]:7.2f} s"
-              + (f"  {size / 1e6:8.1f} MB" if size else ""))
+              + (f"  {size / 1e6:8.1f} MB" if size else " " * 13)
+              + "   CPU s: " + ", ".join(f"{part} {cpu[key]:.2f}" for part, key in (
+                  ("local", "cpu_local_s"), ("receiver", "cpu_receiver_s"),
+                  ("db", "cpu_db_s")) if cpu[key] is not None))
     for target in result["targets"]:
         print(f"  {target['name']}: {target['value']:.3f} ({target['limit']}) "
               f"{'PASS' if target['pass'] else 'FAIL'}")
