@@ -38,6 +38,7 @@ from _common import (  # noqa: E402
     log,
     median,
     mib,
+    proc_cpu,
     spawn_and_time,
 )
 from seaweed_server import ACCESS_KEY, REGION, SECRET_KEY, WeedServer  # noqa: E402
@@ -148,16 +149,22 @@ def main() -> int:
                                 f"{bucket} stock.age")
                         cmd = ["bash", "-o", "pipefail", "-c", pipe]
                         run_env = stock_env
+                    weed_pid = weed._process.pid if weed._process else 0
+                    weed_before = proc_cpu(weed_pid)[0]
                     with open(work / "out.log", "ab") as out:
                         timed = spawn_and_time(cmd, env=run_env, stdout=out, stderr=out,
                                                sample_children=True)
+                    weed_cpu = proc_cpu(weed_pid)[0] - weed_before
                     if timed.returncode != 0:
                         log((work / "out.log").read_text()[-2000:])
                         raise SystemExit(f"method {method} failed ({timed.returncode})")
                     rss = mib(timed.hwm_kib) if method == "A" else mib(timed.ru_maxrss_kib)
                     log(f"round {round_no} {method}: {timed.seconds:.2f} s, "
-                        f"peak RSS {rss:.0f} MiB, children {timed.child_hwm_kib}")
-                    results[method].append({"seconds": timed.seconds, "rss_mib": rss})
+                        f"CPU {timed.cpu_s:.2f} s (+ SeaweedFS {weed_cpu:.2f} s), "
+                        f"peak RSS {rss:.0f} MiB, "
+                        f"children {timed.child_hwm_kib}")
+                    results[method].append({"seconds": timed.seconds, "rss_mib": rss,
+                                            "cpu_s": timed.cpu_s, "server_cpu_s": weed_cpu})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     a = median([r["seconds"] or 0.0 for r in results["A"]])

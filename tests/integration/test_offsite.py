@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -490,3 +491,32 @@ async def test_an_agent_backup_is_copied_off_site_as_soon_as_it_is_stored(
     ciphertext = weed.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     plain = await asyncio.to_thread(stock_age_decrypt, ciphertext, site.identities[0])
     assert plain == stored.read_bytes()
+
+
+def test_a_part_altered_in_transit_is_refused_by_its_content_md5(site: Site) -> None:
+    """Bodies go unsigned (as botocore sends them over https with a Content-MD5); the
+    signed Content-MD5 still covers them: one byte changed on the way is refused by the
+    server, the upload is aborted and no object shows."""
+    import io
+
+    from collector.offsite.bucket import Bucket, OffsiteError
+
+    bucket = Bucket(site.config.offsite[0])
+    altered: list[int] = []
+
+    def flip_a_byte(request: Any, **_: object) -> None:
+        if request.method == "PUT" and "partNumber=" in request.url and not altered:
+            sent = request.body
+            body = bytearray(sent.read() if hasattr(sent, "read") else sent)
+            body[len(body) // 2] ^= 0x01
+            request.body = bytes(body)
+            altered.append(len(body))
+
+    bucket.client.meta.events.register("before-send.s3.UploadPart", flip_a_byte)
+    with pytest.raises(OffsiteError) as refused:
+        bucket.upload_stream("backhaul/altered.age", io.BytesIO(os.urandom(6 * 2**20)))
+    assert "BadDigest" in str(refused.value)
+    assert altered, "the hook never saw an UploadPart"
+    client = site.weed.client()
+    assert not client.list_multipart_uploads(Bucket=site.bucket).get("Uploads")
+    assert "Versions" not in client.list_object_versions(Bucket=site.bucket)
