@@ -42,8 +42,10 @@ class Listener:
 
 
 def sync_target(target: OffsiteTarget, root: Path, stop: Callable[[], bool] = lambda: False,
-                bucket: Bucket | None = None, listener: Listener | None = None) -> int:
-    """Copy every pending backup to ``target``; returns how many were copied.
+                bucket: Bucket | None = None, listener: Listener | None = None,
+                *, sweep: bool = True) -> int:
+    """Copy every pending backup to ``target``; returns how many were copied. With
+    ``sweep``, first abort its unfinished uploads older than a day (billed, invisible).
 
     Raises:
         BackhaulError: the first failure (already recorded in the target's state).
@@ -56,6 +58,10 @@ def sync_target(target: OffsiteTarget, root: Path, stop: Callable[[], bool] = la
     try:
         bucket = bucket or Bucket(target)
         bucket.check()
+        if sweep:
+            aborted = bucket.abort_stale_uploads()
+            if aborted:
+                log.warning("offsite %s: aborted %d stale upload(s)", target.name, aborted)
         done = _copy_all(bucket, root, items, stop, listener)
         _report_pending(listener, target.name, pending(root, target.name))
     except BackhaulError as exc:
@@ -153,14 +159,12 @@ class Copier:
             try:
                 if bucket is None:
                     bucket = await asyncio.to_thread(Bucket, target)
-                if time.monotonic() - last_sweep > STALE_SWEEP:
-                    aborted = await asyncio.to_thread(bucket.abort_stale_uploads)
-                    if aborted:
-                        log.warning("offsite %s: aborted %d stale upload(s)", target.name,
-                                    aborted)
-                    last_sweep = time.monotonic()
+                sweep = time.monotonic() - last_sweep > STALE_SWEEP
                 await asyncio.to_thread(sync_target, target, self.root,
-                                        self._stopping.is_set, bucket, self.listener)
+                                        self._stopping.is_set, bucket, self.listener,
+                                        sweep=sweep)
+                if sweep:
+                    last_sweep = time.monotonic()
             except BackhaulError:
                 failing = True
                 log.info("offsite %s: next attempt in %.0f s", target.name, backoff)

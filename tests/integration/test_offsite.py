@@ -520,3 +520,17 @@ def test_a_part_altered_in_transit_is_refused_by_its_content_md5(site: Site) -> 
     client = site.weed.client()
     assert not client.list_multipart_uploads(Bucket=site.bucket).get("Uploads")
     assert "Versions" not in client.list_object_versions(Bucket=site.bucket)
+
+
+def test_sync_aborts_unfinished_uploads_older_than_a_day_and_only_those(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = site.weed.client()
+    old = client.create_multipart_upload(Bucket=site.bucket, Key="backhaul/old.age")
+    assert site.run("offsite", "sync") == ExitCode.OK  # a fresh upload: left alone
+    uploads = client.list_multipart_uploads(Bucket=site.bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in uploads] == [old["UploadId"]]
+    from collector.offsite import bucket as bucket_module
+
+    monkeypatch.setattr(bucket_module, "STALE_UPLOAD", timedelta(0))  # now it is old
+    assert site.run("offsite", "sync") == ExitCode.OK
+    assert not client.list_multipart_uploads(Bucket=site.bucket).get("Uploads")
