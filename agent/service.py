@@ -6,8 +6,8 @@
   the one-shot ``backhaul-agent backup``.
 * Missed runs are made up once (``catch_up``, default on): at start, a database whose
   scheduled time passed while the service was not running, and that has not been backed
-  up since, runs once after the random delay (:func:`agent.retry_policy.missed_run` on
-  the records of :mod:`agent.run_state`). A fresh install, with no records, runs nothing.
+  up since, runs once after the random delay (:mod:`agent.second_chances` keeps it, and
+  the retries below, until due). A fresh install, with no records, runs nothing.
 * A run backs up each database of the source (``"all"`` is discovered at each run), each
   on its own connection to the collector. At most one backup per database runs at a
   time: if the previous one is still going when the next run comes, that database is
@@ -46,16 +46,15 @@ from types import TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.catch_up import plan_catch_ups
 from agent.config import DEFAULT_STOP_TIMEOUT, AgentConfig, SourceConfig, load_agent_config
 from agent.engines.adapters import adapter_for
 from agent.guard import database_guard
 from agent.link.abort_on_close import AbortOnCloseClient
 from agent.link.requests import send_report
-from agent.retry_policy import clock_time, plan_retry, rebase_after_clock_change
 from agent.run_state import RunState
 from agent.runner import BackupResult, BackupRunner
 from agent.schedule import Schedule, parse_schedule
+from agent.second_chances import SecondChances
 from common.errors import BackhaulError, ConfigError, ExitCode, TransportError
 from common.text import escape_control
 
@@ -86,22 +85,6 @@ def check_runnable(config: AgentConfig) -> None:
             f'{config.source_file}: no source has a schedule; set schedule = "daily 02:30" '
             "(or every 6h, or a cron expression) on a [[sources]] table"
         )
-
-
-@dataclass
-class _Pending:
-    """A database's next unscheduled attempt: a retry, or a catch-up (no failures yet).
-    Keyed by (source, database), or (source, None) to retry a source whose databases
-    could not be listed.
-
-    ``fire`` is the scheduled time the attempt stands for; ``planned_at`` is when it was
-    planned, so that a clock stepped back can be noticed.
-    """
-
-    fire: datetime
-    failures: int
-    planned_at: float
-    at: float
 
 
 @dataclass
@@ -183,10 +166,7 @@ class AgentService:
         self._stopping = False
         self._reload_requested = False
         self._plans: dict[str, _Plan] = self._make_plans(config, {})
-        self._pending: dict[tuple[str, str | None], _Pending] = {}
-        # Failures to reach the collector, reported by the next attempt that reaches it.
-        self._unreported: dict[tuple[str, str], str] = {}
-        self._state = RunState(config.state_dir)
+        self._chances = SecondChances(RunState(config.state_dir), self._zone)
 
     def upcoming(self) -> list[tuple[str, datetime, float]]:
         """Each scheduled source's next run: name, scheduled time, start (with its delay)."""
@@ -244,7 +224,7 @@ class AgentService:
         return handled
 
     async def _sleep(self) -> None:
-        starts = [p.start for p in self._plans.values()] + [p.at for p in self._pending.values()]
+        starts = [p.start for p in self._plans.values()] + self._chances.starts()
         delay = min([MAX_SLEEP, *(s - self._clock() for s in starts)])
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, delay)):
@@ -257,14 +237,8 @@ class AgentService:
             if plan.start <= now:
                 self._spawn(self._run_source(self.config, plan.source, plan.fire))
                 self._advance(plan, now)
-        for key, pending in list(self._pending.items()):
-            pending.planned_at, pending.at = rebase_after_clock_change(
-                pending.planned_at, pending.at, now
-            )
-            if pending.at > now:
-                continue
-            del self._pending[key]
-            source, database = self.config.source(key[0]), key[1]
+        for (name, database), pending in self._chances.due(now):
+            source = self.config.source(name)
             if source is None or source.schedule is None:
                 continue  # gone from the configuration since
             if database is None:
@@ -276,15 +250,7 @@ class AgentService:
         now = self._clock()
         for plan in self._plans.values():
             start = now + self._delay(plan.source)
-            for database, missed in plan_catch_ups(self._state, plan.source, plan.schedule,
-                                                   datetime.fromtimestamp(now, self._zone)):
-                log.warning(
-                    "backup of %s/%s scheduled at %s was missed while the agent was not "
-                    "running: making it up at %s",
-                    plan.source.name, escape_control(database),
-                    missed.isoformat(timespec="seconds"), clock_time(start, self._zone),
-                )
-                self._pending[(plan.source.name, database)] = _Pending(missed, 0, now, start)
+            self._chances.catch_up(plan.source, plan.schedule, now, start)
 
     def _advance(self, plan: _Plan, now: float) -> None:
         after = datetime.fromtimestamp(max(now, plan.fire.timestamp()), self._zone)
@@ -335,7 +301,7 @@ class AgentService:
             return
         self._plans = self._make_plans(config, self._plans)
         self.config = config
-        self._state = RunState(config.state_dir)
+        self._chances.state = RunState(config.state_dir)
         await self._limiter.resize(config.max_concurrent)
         log.info(
             "configuration reloaded from %s: %d source(s), %d scheduled, max_concurrent %d",
@@ -356,9 +322,9 @@ class AgentService:
         self, config: AgentConfig, source: SourceConfig, fire: datetime, failures: int = 0
     ) -> None:
         log.info("scheduled run of source %s", source.name)
-        self._pending.pop((source.name, None), None)
+        self._chances.drop(source.name, None)
         for database in await self._databases(config, source, fire, failures):
-            self._pending.pop((source.name, database), None)  # this run does the retry's job
+            self._chances.drop(source.name, database)  # this run does the retry's job
             self._start_backup(config, source, database, fire, 0)
 
     def _start_backup(
@@ -370,7 +336,7 @@ class AgentService:
             log.warning("backup of %s/%s skipped: the previous one is still running",
                         source.name, escape_control(database))
             if failures == 0:
-                self._state.record(source.name, database, scheduled=fire)
+                self._chances.handled(source.name, database, fire)
             return
         self._busy.add(key)
         self._spawn(self._backup(config, source, database, key, fire, failures))
@@ -417,21 +383,19 @@ class AgentService:
         self, config: AgentConfig, source: SourceConfig, database: str, fire: datetime,
         first: bool,
     ) -> BackupResult:
-        key = (source.name, database)
         client = AbortOnCloseClient(config)
         try:
             await client.connect()
         except TransportError as exc:
             log.error("backup of %s/%s not started: %s", source.name, escape_control(database), exc)
-            when = clock_time(fire.timestamp(), self._zone, seconds=True)
-            self._unreported[key] = f"the backup scheduled at {when} could not start: {exc}"
+            self._chances.unreachable(source.name, database, fire, exc)
             if first:
-                self._state.record(source.name, database, scheduled=fire)
+                self._chances.handled(source.name, database, fire)
             return BackupResult(source.name, database, False, error=str(exc),
                                 exit_code=exc.exit_code, cause=exc)
         self._clients.add(client)
         try:
-            await self._report_unreported(client, source, database)
+            await self._chances.report_unreported(client, source.name, database)
             guard = database_guard(config, SERVICE_COMMAND, scheduled=fire if first else None)
             results = await BackupRunner(config, client, guard=guard).run_source(source, database)
             return results[-1]
@@ -439,45 +403,17 @@ class AgentService:
             self._clients.discard(client)
             await client.close()
 
-    async def _report_unreported(
-        self, client: AbortOnCloseClient, source: SourceConfig, database: str
-    ) -> None:
-        """Tell the collector of an earlier attempt that could not reach it."""
-        message = self._unreported.pop((source.name, database), None)
-        if message is None:
-            return
-        try:
-            await send_report(client, kind="failure", reason="transport", message=message,
-                              database=database, source=source.name)
-        except BackhaulError as exc:
-            log.error("could not report an earlier failure of %s/%s to the collector: %s",
-                      source.name, escape_control(database), exc)
-
     def _after_attempt(
         self, source: SourceConfig, database: str | None, fire: datetime, failures: int,
         cause: BaseException, error: str,
     ) -> None:
-        """Plan the next attempt after a failed one (of a database, or of listing the
-        source's databases when ``database`` is None), and say so in its log line."""
+        """Log a failed attempt and plan its retry, if any (:mod:`agent.second_chances`);
+        a retry planned wakes the loop, whose sleep may now be too long."""
         now = self._clock()
         plan = self._plans.get(source.name)
-        decision = plan_retry(
-            cause,
-            failures=failures,
-            retry_failed=source.retry_failed,
-            interval=source.retry_interval,
-            now=now,
-            next_scheduled=plan.fire.timestamp() if plan is not None else None,
-            zone=self._zone,
-        )
-        log.log(
-            logging.WARNING if decision.at is not None else logging.ERROR,
-            "backup of %s/%s failed (attempt %d of %d): %s; %s",
-            source.name, escape_control(database or "*"), failures, source.retry_failed + 1,
-            escape_control(error), decision.log_text(self._zone),
-        )
-        if decision.at is not None:
-            self._pending[(source.name, database)] = _Pending(fire, failures, now, decision.at)
+        next_scheduled = plan.fire.timestamp() if plan is not None else None
+        if self._chances.after_failure(source, database, fire, failures, cause, error,
+                                       now=now, next_scheduled=next_scheduled):
             self._wake.set()
 
     async def _report(self, config: AgentConfig, source: SourceConfig, exc: BackhaulError) -> None:
