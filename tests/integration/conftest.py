@@ -6,9 +6,9 @@ database names); ``private_nx_server`` belongs to one test, which may kill it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pymongo
 import pytest
@@ -21,36 +21,46 @@ from tests.integration.pg_sample_data import create_sample_databases as create_p
 from tests.integration.postgres_server import PostgresNotInstalled, PostgresServer
 from tests.integration.sample_data import create_sample_databases
 
-# -- MariaDB ---------------------------------------------------------------------------------
+
+class _Server(Protocol):
+    def start(self) -> None: ...
+    def close(self) -> None: ...
 
 
-def _new_mariadb() -> MariaDBServer:
+_S = TypeVar("_S", bound=_Server)
+
+
+def _running(make: Callable[[], _S], not_installed: type[Exception]) -> Iterator[_S]:
+    """A started server for a fixture to yield from, closed when the fixture ends; a missing
+    install fails the test with its message rather than a traceback."""
     try:
-        server = MariaDBServer()
-    except MariaDBNotInstalled as exc:
+        server = make()
+    except not_installed as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
         server.start()
     except BaseException:
         server.close()
         raise
-    return server
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# -- MariaDB ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def mariadb() -> Iterator[MariaDBServer]:
     """One MariaDB server for the whole session; tests must not stop or kill it."""
-    server = _new_mariadb()
-    yield server
-    server.close()
+    yield from _running(MariaDBServer, MariaDBNotInstalled)
 
 
 @pytest.fixture
 def mariadb_fresh() -> Iterator[MariaDBServer]:
     """A MariaDB server of the test's own, for tests that stop, kill or restart it."""
-    server = _new_mariadb()
-    yield server
-    server.close()
+    yield from _running(MariaDBServer, MariaDBNotInstalled)
 
 
 @pytest.fixture(scope="module")
@@ -112,33 +122,16 @@ def client(nx_server: NxServer) -> Iterator[pymongo.MongoClient[dict[str, Any]]]
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 
-def _new_postgres() -> PostgresServer:
-    try:
-        server = PostgresServer()
-    except PostgresNotInstalled as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        server.start()
-    except BaseException:
-        server.close()
-        raise
-    return server
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the test module; tests must not stop it."""
-    server = _new_postgres()
-    yield server
-    server.close()
+    yield from _running(PostgresServer, PostgresNotInstalled)
 
 
 @pytest.fixture
 def postgres_fresh() -> Iterator[PostgresServer]:
     """A PostgreSQL server of the test's own, for tests that stop or break it."""
-    server = _new_postgres()
-    yield server
-    server.close()
+    yield from _running(PostgresServer, PostgresNotInstalled)
 
 
 @pytest.fixture(scope="module")

@@ -189,6 +189,35 @@ class LoopbackProxy:
             await writer.drain()
 
 
+class CuttingProxy(LoopbackProxy):
+    """Passes traffic through, but cuts both sides of each connection before its
+    upstream bytes pass ``limit``, while ``limit`` is set: a link that dies mid-upload,
+    every time, until a test mends it with ``limit = None``."""
+
+    def __init__(self, target_port: int, limit: int | None) -> None:
+        super().__init__(target_port)
+        self.limit = limit
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        sent = 0
+
+        async def upstream() -> None:
+            nonlocal sent
+            while data := await reader.read(65536):
+                sent += len(data)
+                if self.limit is not None and sent > self.limit:
+                    return
+                up_writer.write(data)
+                await up_writer.drain()
+
+        down = asyncio.create_task(self.copy(up_reader, writer))
+        await upstream()
+        down.cancel()
+        for w in (writer, up_writer):
+            w.transport.abort()
+
+
 @dataclass
 class AgentRun:
     returncode: int

@@ -13,7 +13,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import pymysql
 
+from tests.integration import processes
 from tests.integration.loopback import free_port
 
 _STARTUP_TIMEOUT = 60.0
@@ -135,13 +135,7 @@ class MariaDBServer:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        processes.stop(proc, timeout=_STOP_TIMEOUT)
         self._proc = None
         _running.discard(self)
 
@@ -150,9 +144,7 @@ class MariaDBServer:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        processes.kill(proc)
         self._proc = None
         _running.discard(self)
 

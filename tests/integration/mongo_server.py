@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 
 import pymongo
 from pymongo.errors import PyMongoError
 
+from tests.integration import processes
 from tests.integration.loopback import HOST, free_port
 
 
@@ -51,22 +49,14 @@ class NxServer:
     def stop(self) -> None:
         """Ask the server to exit (SIGTERM), then make sure it did."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            processes.stop(process, timeout=10)
 
     def kill(self) -> None:
         """End the server at once, as a crash would (SIGKILL)."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
+        if process is not None:
+            processes.kill(process)
 
     def __enter__(self) -> NxServer:
         self.start()
@@ -96,23 +86,23 @@ class NxServer:
             "--log-file",
             str(self.base_dir / "nx.log"),
         ]
-        with (self.base_dir / "output.log").open("ab") as output:
-            self._process = subprocess.Popen(
-                command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+        self._process = processes.spawn(command, self.base_dir / "output.log")
 
     def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        assert self._process is not None
         client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
             self.uri, serverSelectionTimeoutMS=250, connectTimeoutMS=250
         )
+
+        def answers_ping() -> bool:
+            # The client's 250 ms server selection timeout paces the polling.
+            try:
+                client.admin.command("ping")
+            except PyMongoError:
+                return False
+            return True
+
         try:
-            while time.monotonic() < deadline:
-                if self._process is None or self._process.poll() is not None:
-                    return False
-                with contextlib.suppress(PyMongoError):
-                    client.admin.command("ping")
-                    return True
-            return False
+            return processes.wait_ready(self._process, answers_ping, timeout)
         finally:
             client.close()

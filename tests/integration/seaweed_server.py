@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -20,6 +19,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from tests.integration import processes
 
 HOST = "127.0.0.1"
 ACCESS_KEY = "backhaul-test-key"
@@ -111,49 +112,38 @@ class WeedServer:
             f"-filer.localSocket={self.base_dir / 'filer.sock'}",
             f"-s3.localSocket={self.base_dir / 's3.sock'}",
         ]
-        log = (self.base_dir / "weed.log").open("ab")
-        self._process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.base_dir)
-        log.close()
+        self._process = processes.spawn(argv, self.base_dir / "weed.log", cwd=self.base_dir)
 
     def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        assert self._process is not None
         client = self.client()
         probe = f"ready-probe-{time.monotonic_ns()}"
-        while time.monotonic() < deadline:
-            if self._process is None or self._process.poll() is not None:
-                return False
+
+        def answers_s3() -> bool:
             try:
                 # A bucket create + put proves master, volume, filer and S3 all answer.
                 client.create_bucket(Bucket=probe)
                 client.put_object(Bucket=probe, Key="x", Body=b"x")
                 client.delete_object(Bucket=probe, Key="x")
                 client.delete_bucket(Bucket=probe)
-                return True
             except (BotoCoreError, ClientError):
-                time.sleep(0.3)
-        return False
+                return False
+            return True
+
+        return processes.wait_ready(self._process, answers_s3, timeout, pause=0.3)
 
     def create_bucket(self, name: str, *, object_lock: bool = True) -> None:
         self.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=object_lock)
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            processes.stop(process, timeout=15)
 
     def kill(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
+        if process is not None:
+            processes.kill(process)
 
     def __enter__(self) -> WeedServer:
         self.start()

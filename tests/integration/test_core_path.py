@@ -19,6 +19,7 @@ import pytest
 
 from tests.integration.agent_ops import password_file
 from tests.integration.harness import (
+    CuttingProxy,
     Deployment,
     LoopbackProxy,
     final_files,
@@ -259,31 +260,6 @@ async def test_database_killed_mid_dump_leaves_nothing(
     assert "FAILED  main/victim" in run.stderr
     assert stored_files(deployment.store) == []
     assert "agent aborted" in log_text(deployment.collector_logs)
-
-
-class CuttingProxy(LoopbackProxy):
-    """A loopback TCP proxy that drops both sides after ``limit`` bytes upstream."""
-
-    def __init__(self, target_port: int, limit: int) -> None:
-        super().__init__(target_port)
-        self.limit = limit
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        sent = 0
-
-        async def upstream() -> None:
-            nonlocal sent
-            while (data := await reader.read(65536)) and sent < self.limit:
-                sent += len(data)
-                up_writer.write(data)
-                await up_writer.drain()
-
-        down = asyncio.create_task(self.copy(up_reader, writer))
-        await upstream()
-        down.cancel()
-        for w in (writer, up_writer):
-            w.transport.abort()
 
 
 class HoldingProxy(LoopbackProxy):

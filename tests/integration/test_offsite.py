@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import zstandard
 from botocore.exceptions import ClientError
-from harness import Deployment, LoopbackProxy, agent_env
+from harness import CuttingProxy, Deployment, agent_env
 from mariadb_server import MariaDBServer
 from seaweed_server import ACCESS_KEY, REGION, SECRET_KEY, WeedServer
 
@@ -332,34 +332,6 @@ async def test_serve_refuses_to_start_when_the_locked_target_has_no_object_lock(
     with pytest.raises(ConfigError, match="has no Object Lock"):
         async with running_collector(site.config_path):
             pass
-
-
-class CuttingProxy(LoopbackProxy):
-    """Passes S3 traffic through, but cuts each connection after ``limit`` bytes upstream
-    while ``limit`` is set: a link that dies mid-upload, every time, until mended."""
-
-    def __init__(self, target_port: int, limit: int | None) -> None:
-        super().__init__(target_port)
-        self.limit = limit
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        sent = 0
-
-        async def upstream() -> None:
-            nonlocal sent
-            while data := await reader.read(65536):
-                sent += len(data)
-                if self.limit is not None and sent > self.limit:
-                    return
-                up_writer.write(data)
-                await up_writer.drain()
-
-        down = asyncio.create_task(self.copy(up_reader, writer))
-        await upstream()
-        down.cancel()
-        for w in (writer, up_writer):
-            w.transport.abort()
 
 
 async def test_connection_cut_mid_upload_leaves_nothing_visible_and_retry_copies_once(

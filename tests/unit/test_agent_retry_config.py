@@ -3,7 +3,6 @@ source, and [agent] state_dir and run_dir."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,31 +10,14 @@ import pytest
 from agent.config import load_agent_config
 from agent.schedule import parse_duration
 from common.errors import ConfigError
-
-BASE = """
-[agent]
-name = "db1"
-{agent}
-
-[collector]
-address = "127.0.0.1:2222"
-host_key = "collector.pub"
-client_key = "agent_key"
-
-[[sources]]
-name = "main"
-engine = "mysql"
-user = "backup"
-databases = ["hospital"]
-schedule = "daily 02:30"
-{source}
-"""
+from tests.unit.agent_toml import write_agent_toml
 
 
 def write(tmp_path: Path, *, agent: str = "", source: str = "") -> Path:
-    path = tmp_path / "agent.toml"
-    path.write_text(textwrap.dedent(BASE).format(agent=agent, source=source))
-    return path
+    # A written schedule, so that no default random delay comes into these tests.
+    return write_agent_toml(
+        tmp_path, agent=agent, source=f'schedule = "daily 02:30"\n{source}'
+    )
 
 
 def test_defaults_retry_twice_after_ten_minutes_and_catch_up(

@@ -4,7 +4,6 @@ and the service's first plan from them."""
 from __future__ import annotations
 
 import random
-import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,30 +13,7 @@ from agent.cli import schedule_lines
 from agent.config import DEFAULT_RANDOM_DELAY, DEFAULT_SCHEDULE, load_agent_config
 from agent.service import AgentService
 from common.errors import ConfigError
-
-BASE = """
-[agent]
-name = "db1"
-{agent}
-
-[collector]
-address = "127.0.0.1:2222"
-host_key = "collector.pub"
-client_key = "agent_key"
-
-[[sources]]
-name = "main"
-engine = "mysql"
-user = "backup"
-databases = ["hospital"]
-{source}
-"""
-
-
-def write(tmp_path: Path, *, agent: str = "", source: str = "") -> Path:
-    path = tmp_path / "agent.toml"
-    path.write_text(textwrap.dedent(BASE).format(agent=agent, source=source))
-    return path
+from tests.unit.agent_toml import write_agent_toml as write
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -104,12 +80,10 @@ def test_bad_values_stop_start_up_naming_the_key(
 
 
 def test_record_checksums_is_a_mysql_key(tmp_path: Path) -> None:
-    path = tmp_path / "agent.toml"
-    text = textwrap.dedent(BASE).format(agent="", source="")
-    text = text.replace(
+    path = write(tmp_path, source="record_checksums = true")
+    path.write_text(path.read_text().replace(
         'engine = "mysql"\nuser = "backup"', 'engine = "mongodb"\nuri = "mongodb://127.0.0.1"'
-    )
-    path.write_text(text + "record_checksums = true\n")
+    ))
     with pytest.raises(ConfigError, match="record_checksums: unknown key"):
         load_agent_config(path)
 

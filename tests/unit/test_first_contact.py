@@ -4,7 +4,6 @@ others may read, pinned keys that are not there, misspelt keys and tables."""
 from __future__ import annotations
 
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,7 @@ from agent.first_contact import check_agent_files
 from common.config import Table
 from common.credentials import check_secret_file
 from common.errors import ConfigError
-
-AGENT = """
-[agent]
-name = "db1"
-
-[collector]
-address = "127.0.0.1:2222"
-host_key = "collector.pub"
-client_key = "agent_key"
-
-[[sources]]
-name = "main"
-engine = "mysql"
-user = "backup"
-password_file = "mysql.pass"
-databases = "all"
-"""
+from tests.unit.agent_toml import write_agent_toml
 
 
 def secret(path: Path, mode: int) -> Path:
@@ -45,9 +28,7 @@ def agent_toml(tmp_path: Path) -> Path:
     secret(tmp_path / "agent_key", 0o600)
     secret(tmp_path / "mysql.pass", 0o600)
     (tmp_path / "collector.pub").write_text("ssh-ed25519 AAAA collector\n")
-    path = tmp_path / "agent.toml"
-    path.write_text(textwrap.dedent(AGENT))
-    return path
+    return write_agent_toml(tmp_path, source='password_file = "mysql.pass"')
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o400])
