@@ -20,9 +20,6 @@ from typing import NoReturn
 from collector.config import CollectorConfig, load_collector_config
 from collector.enrol import enrol_agent, parse_databases
 from collector.offsite import commands as offsite_commands
-from collector.report.outcomes import FanOut
-from collector.serve.reload import reload_agents
-from collector.serve.server import CollectorServer, make_context
 from collector.store import files as storage
 from collector.store import inventory, listing, prune, verify_status
 from common.as_user import check_as_user
@@ -133,7 +130,12 @@ async def serve(config: CollectorConfig, ready: asyncio.Future[int] | None = Non
 
     ``ready``, when given, receives the bound port once the server listens.
     """
+    # Imported here, not at the top: the server, its metrics and their HTTP stack take
+    # about a tenth of a second to load, which every other command would pay for nothing.
+    from collector.report.outcomes import FanOut
     from collector.report.sinks import build_sinks
+    from collector.serve.reload import reload_agents
+    from collector.serve.server import CollectorServer, make_context
 
     # Refuses a locked target on a bucket without Object Lock before serving anything.
     await asyncio.to_thread(offsite_commands.check_locks, config)

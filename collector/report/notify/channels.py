@@ -12,12 +12,13 @@ import smtplib
 import socket
 import ssl
 from email.message import EmailMessage
-from typing import Protocol
-
-import aiohttp
+from typing import TYPE_CHECKING, Protocol
 
 from collector.report.notify.config import EmailConfig, NotifyConfig, WebhookConfig
 from collector.report.notify.message import Notification
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 class DeliveryError(Exception):
@@ -48,10 +49,16 @@ class WebhookChannel:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        # Imported here: a tenth of a second at every start of every collector command
+        # (they all read the [notify] configuration), and only serve sends anything.
+        import aiohttp
+
         if self._session is None:
             self._session = aiohttp.ClientSession(headers={"User-Agent": "backhaul-collector"})
 
     async def send(self, notification: Notification) -> None:
+        import aiohttp  # already loaded by start()
+
         if self._session is None:
             raise DeliveryError("webhook channel used before start()")
         try:
