@@ -137,6 +137,12 @@ def console_script(name: str, module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def agent_backup(config: Path, database: str) -> list[str]:
+    """``backhaul-agent backup`` of one database, as every Backhaul method runs it."""
+    return [*console_script("backhaul-agent", "agent.cli"), "backup", "--config",
+            str(config), "--database", database]
+
+
 # -- the processes under test ---------------------------------------------------------------
 
 
@@ -401,8 +407,7 @@ class Bench:
             self.collector_hwm_reset = reset_peak_rss(self.collector.pid)
             collector_before = proc_cpu(self.collector.pid)[0]
             config = self.agent_config if method == "A" else self.variant_config
-            cmd = [*console_script("backhaul-agent", "agent.cli"), "backup", "--config",
-                   str(config), "--database", self.database]
+            cmd = agent_backup(config, self.database)
         else:
             cmd = self._shell(self._baseline_script(method))
         with out.open("wb") as out_fh, err.open("wb") as err_fh:
@@ -502,8 +507,7 @@ class Bench:
     def profile(self) -> dict[str, Any]:
         """One extra, untimed backup with py-spy on the agent and the collector."""
         assert self.collector is not None
-        agent_cmd = [*console_script("backhaul-agent", "agent.cli"), "backup", "--config",
-                     str(self.agent_config), "--database", self.database]
+        agent_cmd = agent_backup(self.agent_config, self.database)
         try:
             return profile_backup("core_path", self.collector.pid, agent_cmd, self.tmp)
         finally:

@@ -65,7 +65,7 @@ from _common import (
     wait_for_ssh_banner,
     wait_no_children,
 )
-from core_path import Sshd, console_script, niced, profile_backup
+from core_path import Sshd, agent_backup, console_script, niced, profile_backup
 
 METHODS = {
     "A": "backhaul-agent backup (to a loopback collector)",
@@ -229,8 +229,7 @@ class Bench:
         if method == "A":
             assert self.collector is not None
             reset_peak_rss(self.collector.pid)
-            cmd = [*console_script("backhaul-agent", "agent.cli"), "backup", "--config",
-                   str(self.agent_config), "--database", DATABASE]
+            cmd = agent_backup(self.agent_config, DATABASE)
         elif method == "B":
             remote = shlex.quote(f"cat > {shlex.quote(str(self.remote / 'db.pgdump.zst'))}")
             cmd = ["bash", "-e", "-o", "pipefail", "-c",
@@ -294,10 +293,9 @@ class Bench:
         result = self.result(load_before)
         if self.args.profile:
             assert self.collector is not None
-            agent_cmd = [*console_script("backhaul-agent", "agent.cli"), "backup",
-                         "--config", str(self.agent_config), "--database", DATABASE]
-            result["profile"] = profile_backup("postgres", self.collector.pid, agent_cmd,
-                                               self.tmp)
+            result["profile"] = profile_backup(
+                "postgres", self.collector.pid, agent_backup(self.agent_config, DATABASE),
+                self.tmp)
         return result
 
     def result(self, load_before: tuple[float, float, float]) -> dict[str, Any]:

@@ -247,18 +247,19 @@ class PgArchiveChecker:
                 if length == 0:
                     self._pos = pos + width
                     return
-                raise IntegrityError(f"PostgreSQL archive: bad chunk length {length} "
-                                     f"in {self._where}")
+                raise self._bad_chunk(length)
             if pos <= len(buf):  # the buffer ends at or inside a chunk header
                 self._pos = pos
                 yield
                 continue
             # The last chunk runs past the buffer: skip the rest of it as it arrives.
             if length > MAX_CHUNK:
-                raise IntegrityError(f"PostgreSQL archive: bad chunk length {length} "
-                                     f"in {self._where}")
+                raise self._bad_chunk(length)
             self._pos = pos - length
             yield from self._skip(length)
+
+    def _bad_chunk(self, length: int) -> IntegrityError:
+        return IntegrityError(f"PostgreSQL archive: bad chunk length {length} in {self._where}")
 
     def _skip(self, count: int) -> _Wait:
         while True:
