@@ -18,10 +18,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.db_lock import DatabaseLock
 from agent.run_state import RunState
@@ -35,6 +33,7 @@ from tests.integration.agent_ops import (
 from tests.integration.harness import Deployment, log_text, mysql_source, run_cli, running_collector
 from tests.integration.loopback import free_port
 from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.metrics_scrape import sample, scrape
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -126,24 +125,6 @@ def agent_config(
     config.write_text(config.read_text().replace("connect_timeout = 10\n",
                                                  "connect_timeout = 10\nretries = 0\n"))
     return config
-
-
-async def scrape(port: int) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
-        assert r.status == 200
-        return await r.text()
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of the one sample ``name`` whose labels include ``labels``, else None."""
-    found = [
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    ]
-    assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples"
-    return found[0] if found else None
 
 
 def uploads(collector_log: str, database: str) -> list[tuple[str, str]]:

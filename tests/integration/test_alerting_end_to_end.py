@@ -29,7 +29,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import CollectorEndpoint
 from agent.link.retry import RetryPolicy
@@ -45,6 +44,7 @@ from tests.integration.harness import (
 )
 from tests.integration.loopback import free_port
 from tests.integration.mariadb_server import MariaDBServer
+from tests.integration.metrics_scrape import sample, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -84,27 +84,6 @@ async def eventually(
             return last
         await asyncio.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
-async def scrape(port: int) -> str:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"http://127.0.0.1:{port}/metrics") as response,
-    ):
-        assert response.status == 200
-        return await response.text()
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of the one sample ``name`` whose labels include ``labels``, else None."""
-    found = [
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    ]
-    assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples"
-    return found[0] if found else None
 
 
 def password_file(folder: Path, password: str) -> Path:
